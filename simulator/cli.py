@@ -1,0 +1,180 @@
+"""The ``infersim`` command: estimate, info, list, roofline.
+
+Every user error (bad spec, unknown name, plan that does not fit) prints one
+line on stderr and exits with code 2; ``--json`` prints machine-readable
+output on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from simulator import dtypes
+from simulator.errors import InferSimError
+
+
+def _add_model_hardware(parser: argparse.ArgumentParser, hardware: bool = True) -> None:
+    parser.add_argument("--model", required=True, help="shipped model name, or a YAML/config.json path")
+    if hardware:
+        parser.add_argument("--hardware", required=True,
+                            help="shipped device or system name, or a YAML path")
+
+
+def _add_shape(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--input-len", type=int, default=512, help="prompt tokens (default 512)")
+    parser.add_argument("--output-len", type=int, default=128, help="generated tokens (default 128)")
+    parser.add_argument("--weight-dtype", default="bf16", choices=dtypes.WEIGHT_DTYPES)
+    parser.add_argument("--kv-dtype", default=None, choices=dtypes.KV_DTYPES,
+                        help="KV-cache dtype (default: the activation dtype)")
+    parser.add_argument("--act-dtype", default="bf16", choices=dtypes.ACT_DTYPES)
+    parser.add_argument("--attention", default="flash", choices=("flash", "naive"),
+                        help="attention memory traffic: FlashAttention-style or materialised scores")
+    parser.add_argument("--group-size", type=int, default=dtypes.DEFAULT_GROUP_SIZE,
+                        help="quantization group size of integer dtypes (default 128)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infersim",
+        description="Predict LLM inference latency, throughput, memory and energy.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    est = sub.add_parser("estimate", help="latency, throughput, memory and energy of one request shape")
+    _add_model_hardware(est)
+    _add_shape(est)
+    est.add_argument("--ops", action="store_true", help="also print the per-op table")
+    est.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    info = sub.add_parser("info", help="parameter counts, KV bytes per token and shape of a model")
+    _add_model_hardware(info, hardware=False)
+    info.add_argument("--kv-dtype", default="bf16", choices=dtypes.KV_DTYPES)
+    info.add_argument("--json", action="store_true")
+
+    lst = sub.add_parser("list", help="shipped models or hardware")
+    lst.add_argument("what", choices=("models", "hardware"))
+    lst.add_argument("--json", action="store_true")
+
+    roof = sub.add_parser("roofline", help="plot the device roofline with every op of the estimate")
+    _add_model_hardware(roof)
+    _add_shape(roof)
+    roof.add_argument("--out", default="roofline.png", help="output image (default roofline.png)")
+    return parser
+
+
+def _estimate(args: argparse.Namespace):
+    from simulator.estimate import estimate
+
+    return estimate(
+        args.model, args.hardware, batch=args.batch, input_len=args.input_len,
+        output_len=args.output_len, weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype,
+        act_dtype=args.act_dtype, attention=args.attention, group_size=args.group_size,
+    )
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    result = _estimate(args)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    from simulator.report.tables import print_estimate
+
+    print_estimate(result, ops=args.ops)
+    return 0
+
+
+def model_info(model_name: str, kv_dtype: str) -> dict[str, Any]:
+    from simulator.graph.transformer import kv_bytes_per_token
+    from simulator.specs.loader import load_model
+
+    model = load_model(model_name)
+    return {
+        "params_total": model.params(),
+        "params_active": model.params(active=True),
+        "kv_bytes_per_token": kv_bytes_per_token(model, kv_dtype),
+        "kv_dtype": kv_dtype,
+        "attention_kind": model.attention_kind,
+        **model.model_dump(),
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = model_info(args.model, args.kv_dtype)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from simulator.report.tables import print_info
+
+    print_info(info)
+    return 0
+
+
+def list_rows(what: str) -> list[dict[str, Any]]:
+    from simulator.specs import loader
+
+    rows = []
+    if what == "models":
+        for name in loader.shipped_models():
+            model = loader.load_model(name)
+            rows.append({
+                "name": name, "architecture": model.architecture,
+                "params_total": model.params(), "params_active": model.params(active=True),
+                "layers": model.num_layers, "hidden": model.hidden_size,
+                "attention": model.attention_kind, "moe": model.is_moe,
+            })
+        return rows
+    for kind, names in (("device", loader.shipped_devices()), ("system", loader.shipped_systems())):
+        for name in names:
+            system = loader.load_system(name)
+            device = system.device
+            peak = max(device.compute.get(d, 0.0) for d in ("bf16", "fp16", "fp32"))
+            rows.append({
+                "name": name, "kind": kind, "device": device.name,
+                "devices": system.num_devices,
+                "memory_bytes": device.main_memory.capacity,
+                "bandwidth_bytes_per_s": device.main_memory.bandwidth,
+                "peak_16bit_flops": peak,
+            })
+    return rows
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = list_rows(args.what)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from simulator.report.tables import print_list
+
+    print_list(args.what, rows)
+    return 0
+
+
+def cmd_roofline(args: argparse.Namespace) -> int:
+    from simulator.report.roofline_plot import plot_roofline
+    from simulator.specs.loader import load_system
+
+    result = _estimate(args)
+    path = plot_roofline(result, load_system(args.hardware).device, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"estimate": cmd_estimate, "info": cmd_info, "list": cmd_list, "roofline": cmd_roofline}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except InferSimError as err:
+        print(f"infersim: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Roofline time and energy of one op on one device.
+
+``time = max(flops / (peak[dtype] * eff_c(flops)), bytes / (bw * eff_m(bytes))) + kernel_overhead``
+
+Matrix ops (GEMMs, attention) run on the matrix units at the op's compute
+dtype; vector ops (norms, activations, adds) on the fp32 vector units where
+the device lists them. Power follows ``PowerSpec``: idle plus energy per FLOP
+and per byte, capped at the device's maximum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from simulator.errors import UnsupportedError
+from simulator.graph.ops import Op, Quantity, avg
+from simulator.specs.hardware import Device
+
+
+@dataclass(frozen=True, slots=True)
+class OpCost:
+    """Per-instance times of an op (multiply by ``op.count`` for the step)."""
+
+    op: Op
+    compute_s: Quantity
+    memory_s: Quantity
+    overhead_s: float
+    time_s: Quantity
+    energy_j: Quantity
+    peak_flops: float
+
+    @property
+    def total_s(self) -> Quantity:
+        return self.time_s * self.op.count
+
+    @property
+    def total_energy_j(self) -> Quantity:
+        return self.energy_j * self.op.count
+
+    @property
+    def bound(self) -> str:
+        return "compute" if avg(self.compute_s) >= avg(self.memory_s) else "memory"
+
+
+def _peak(device: Device, op: Op) -> float:
+    dtype = op.dtype if op.unit == "matrix" else ("fp32" if "fp32" in device.compute else op.dtype)
+    peak = device.compute.get(dtype)  # type: ignore[call-overload]
+    if peak is None:
+        raise UnsupportedError(
+            f"{device.name} has no {dtype} compute rate (op {op.name}); "
+            f"it lists {', '.join(device.compute)}"
+        )
+    return peak
+
+
+def op_power_w(device: Device, flops: Quantity, nbytes: Quantity, peak_flops: float,
+               time_s: Quantity) -> Quantity:
+    """``min(max, idle + e_flop * FLOP/s + e_byte * byte/s)`` with the spec's or derived energies."""
+    power = device.power
+    dynamic = power.max - power.idle
+    t = np.maximum(time_s, 1e-30)
+    if power.energy_per_flop is not None:
+        compute_w = power.energy_per_flop * flops / t
+    else:
+        compute_w = power.compute_share * dynamic * (flops / t) / peak_flops
+    if power.energy_per_byte is not None:
+        memory_w = power.energy_per_byte * nbytes / t
+    else:
+        memory_w = power.memory_share * dynamic * (nbytes / t) / device.main_memory.bandwidth
+    return np.minimum(power.max, power.idle + compute_w + memory_w)
+
+
+def cost_op(op: Op, device: Device) -> OpCost:
+    eff = device.efficiency
+    peak = _peak(device, op)
+    nbytes = op.bytes
+    compute_s = op.flops / (peak * eff.compute.at(op.flops))
+    memory_s = nbytes / (device.main_memory.bandwidth * eff.memory.at(nbytes))
+    time_s = np.maximum(compute_s, memory_s) + eff.kernel_overhead
+    energy = op_power_w(device, op.flops, nbytes, peak, time_s) * time_s
+    return OpCost(op, compute_s, memory_s, eff.kernel_overhead, time_s, energy, peak)
+
+
+def cost_ops(ops: list[Op], device: Device) -> list[OpCost]:
+    return [cost_op(op, device) for op in ops]

@@ -1,0 +1,303 @@
+"""Op graph of one inference step of a decoder-only transformer.
+
+A step processes ``batch`` sequences, each with ``new_tokens`` new tokens
+attending to ``context`` cached-plus-new tokens: prefill is
+``new_tokens == context == prompt length``; decode is ``new_tokens == 1`` with
+the context grown so far. Layers of the same kind are one op with ``count``
+set, so a step is a few dozen ops whatever the depth. Equations are in
+``docs/model.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from simulator.dtypes import bytes_per_value
+from simulator.graph.ops import Op, Quantity, elementwise, gemm
+from simulator.specs.model import ModelSpec
+
+Phase = Literal["prefill", "decode"]
+AttentionImpl = Literal["flash", "naive"]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Storage dtypes of weights, KV cache and activations, and the matrix units' dtype."""
+
+    weight: str = "bf16"
+    kv: str = "bf16"
+    act: str = "bf16"
+    compute: str = "bf16"
+    group_size: int = 128
+
+    @property
+    def weight_bytes(self) -> float:
+        return bytes_per_value(self.weight, self.group_size)
+
+    @property
+    def kv_bytes(self) -> float:
+        return bytes_per_value(self.kv, self.group_size)
+
+    @property
+    def act_bytes(self) -> float:
+        return bytes_per_value(self.act)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    phase: Phase
+    batch: int
+    new_tokens: int
+    context: Quantity
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.new_tokens
+
+    def attended_pairs(self, causal_skip: bool = True) -> Quantity:
+        """Query-key pairs scored per sequence and head.
+
+        The new tokens sit at the end of the context; with causal skipping the
+        i-th new token sees ``context - new_tokens + i`` keys.
+        """
+        n, c = self.new_tokens, self.context
+        if not causal_skip:
+            return n * c
+        return n * c - n * (n - 1) / 2.0
+
+
+class _Builder:
+    """Holds the shape and precision while the per-block builders append ops."""
+
+    def __init__(self, model: ModelSpec, step: StepShape, precision: Precision, attention: AttentionImpl):
+        self.m = model
+        self.step = step
+        self.p = precision
+        self.attention = attention
+        self.ops: list[Op] = []
+        self.T = step.tokens
+        self.a = precision.act_bytes
+        self.w = precision.weight_bytes
+
+    def gemm(self, name: str, m: Quantity, n: float, k: float, count: int, **kw) -> None:
+        self.ops.append(
+            gemm(
+                name, m, n, k, weight_bytes_per_value=kw.pop("wbytes", self.w), act_bytes=self.a,
+                dtype=self.p.compute, count=count, **kw,
+            )
+        )
+
+    def vector(self, name: str, elements_in: Quantity, elements_out: Quantity, flops_per: float,
+               count: int, kind="elementwise", weight_values: float = 0.0) -> None:
+        self.ops.append(
+            elementwise(
+                name, elements_in, elements_out, flops_per, act_bytes=self.a, dtype=self.p.act,
+                count=count, kind=kind, weight_bytes=weight_values * self.a,
+            )
+        )
+
+    def norm(self, name: str, width: int, count: int, tokens: Quantity | None = None) -> None:
+        rows = self.T if tokens is None else tokens
+        # RMSNorm: square, sum, scale, multiply by weight (~4 FLOPs per element); LayerNorm ~7.
+        per = 4.0 if self.m.norm == "rmsnorm" else 7.0
+        self.vector(name, rows * width, rows * width, per, count, kind="norm", weight_values=width)
+
+    # --- embedding and head ----------------------------------------------------------
+
+    def embedding(self) -> None:
+        h = self.m.hidden_size
+        self.ops.append(Op(
+            name="embedding", kind="embedding", flops=0.0,
+            read_bytes=self.T * h * self.a + self.T * 4, write_bytes=self.T * h * self.a,
+            weight_bytes=self.T * h * self.a, dtype=self.p.act,
+        ))
+        if self.m.position_encoding == "learned":
+            self.vector("position_embedding", 2 * self.T * h, self.T * h, 1.0, 1)
+
+    def head(self) -> None:
+        # Only the last position of each sequence is projected onto the vocabulary.
+        b, h, v = self.step.batch, self.m.hidden_size, self.m.vocab_size
+        self.norm("final_norm", h, 1, tokens=b)
+        self.gemm("lm_head", b, v, h, 1, wbytes=self.a)
+        # Sampling: softmax over fp32 logits, then top-k/top-p selection (~5 FLOPs per logit).
+        self.ops.append(Op(
+            name="sampling", kind="sampling", flops=5.0 * b * v, read_bytes=b * v * 4.0,
+            write_bytes=b * 4.0, dtype="fp32",
+        ))
+
+    # --- attention -------------------------------------------------------------------
+
+    def attention_block(self) -> None:
+        m, L, h = self.m, self.m.num_layers, self.m.hidden_size
+        self.norm("input_norm", h, L)
+        if m.mla is not None:
+            self._mla(L)
+        else:
+            self._gqa(L)
+        self.vector("residual_add", 2 * self.T * h, self.T * h, 1.0, L)
+
+    def _gqa(self, L: int) -> None:
+        m, T, d = self.m, self.T, self.m.head_size
+        H, KV = m.num_attention_heads, m.kv_heads
+        self.gemm("qkv_proj", T, (H + 2 * KV) * d, m.hidden_size, L)
+        if m.qk_norm:
+            self.vector("qk_norm", T * (H + KV) * d, T * (H + KV) * d, 4.0, L, kind="norm")
+        if m.position_encoding == "rope":
+            self.vector("rope", T * (H + KV) * d, T * (H + KV) * d, 3.0, L)
+        self._kv_write(2 * KV * d, L)
+        self._attention_core(L, heads=H, qk_dim=d, v_dim=d, kv_width=2 * KV * d)
+        self.gemm("o_proj", T, m.hidden_size, H * d, L)
+
+    def _mla(self, L: int) -> None:
+        m, T, h, H = self.m, self.T, self.m.hidden_size, self.m.num_attention_heads
+        mla = m.mla
+        assert mla is not None
+        q_head = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+        if mla.q_lora_rank:
+            self.gemm("q_down_proj", T, mla.q_lora_rank, h, L)
+            self.norm("q_norm", mla.q_lora_rank, L)
+            self.gemm("q_up_proj", T, H * q_head, mla.q_lora_rank, L)
+        else:
+            self.gemm("q_proj", T, H * q_head, h, L)
+        latent = mla.kv_lora_rank + mla.qk_rope_head_dim
+        self.gemm("kv_down_proj", T, latent, h, L)
+        self.norm("kv_norm", mla.kv_lora_rank, L)
+        self.vector("rope", T * (H + 1) * mla.qk_rope_head_dim, T * (H + 1) * mla.qk_rope_head_dim,
+                    3.0, L)
+        self._kv_write(latent, L)
+        up_width = H * (mla.qk_nope_head_dim + mla.v_head_dim)
+        if self.step.phase == "prefill":
+            # Materialise per-head K and V from the latent for every context token.
+            ctx_tokens = self.step.batch * self.step.context
+            self.gemm("kv_up_proj", ctx_tokens, up_width, mla.kv_lora_rank, L)
+            self._attention_core(L, heads=H, qk_dim=q_head, v_dim=mla.v_head_dim,
+                                 kv_width=latent)
+        else:
+            # Decode absorbs the up-projections into the query and output (DeepSeek-V2 §2.1.2):
+            # attention runs over the cached latent, shared by all heads like MQA.
+            self.gemm("q_absorb", T, H * mla.kv_lora_rank, mla.qk_nope_head_dim, L,
+                      weight_values=H * mla.qk_nope_head_dim * mla.kv_lora_rank)
+            self._attention_core(L, heads=H, qk_dim=latent, v_dim=mla.kv_lora_rank,
+                                 kv_width=latent)
+            self.gemm("out_absorb", T, H * mla.v_head_dim, mla.kv_lora_rank, L,
+                      weight_values=H * mla.kv_lora_rank * mla.v_head_dim)
+        self.gemm("o_proj", T, h, H * mla.v_head_dim, L)
+
+    def _kv_write(self, width: int, L: int) -> None:
+        kv = self.T * width * self.p.kv_bytes
+        self.ops.append(Op(
+            name="kv_cache_write", kind="elementwise", flops=self.T * width * 1.0,
+            read_bytes=self.T * width * self.a, write_bytes=kv, kv_write_bytes=kv,
+            dtype=self.p.act, count=L,
+        ))
+
+    def _attention_core(self, L: int, heads: int, qk_dim: int, v_dim: int, kv_width: int) -> None:
+        """Scores, softmax and weighted values for all heads of one layer.
+
+        FlashAttention reads Q and the cached K/V once and writes O; naive
+        attention also writes the score matrix, reads and rewrites it in
+        softmax, and reads it again for the values, with no causal skipping.
+        """
+        b, step = self.step.batch, self.step
+        flash = self.attention == "flash"
+        pairs = step.attended_pairs(causal_skip=flash) * b * heads
+        flops = 2.0 * pairs * (qk_dim + v_dim) + 5.0 * pairs  # two matmuls + softmax
+        kv_read = b * step.context * kv_width * self.p.kv_bytes
+        q_bytes = self.T * heads * qk_dim * self.a
+        out_bytes = self.T * heads * v_dim * self.a
+        read, write = q_bytes + kv_read, out_bytes
+        if not flash:
+            scores = pairs * self.a
+            read, write = read + 2 * scores, write + 2 * scores
+        self.ops.append(Op(
+            name="attention", kind="attention", unit="matrix", flops=flops, read_bytes=read,
+            write_bytes=write, kv_read_bytes=kv_read, dtype=self.p.act, count=L,
+        ))
+
+    # --- feed-forward ----------------------------------------------------------------
+
+    def dense_ffn(self, count: int) -> None:
+        if count == 0:
+            return
+        h = self.m.hidden_size
+        self.norm("post_attention_norm", h, count)
+        self._mlp("mlp", self.T, self.m.ffn.intermediate_size, count)
+        self.vector("residual_add", 2 * self.T * h, self.T * h, 1.0, count)
+
+    def _mlp(self, prefix: str, tokens: Quantity, inter: int, count: int,
+             experts: float | None = None) -> None:
+        """Up (gate+up fused when gated), activation, down; ``experts`` distinct weight sets."""
+        h, gated = self.m.hidden_size, self.m.ffn.gated
+        up = (2 if gated else 1) * inter
+        sets = 1.0 if experts is None else experts
+        self.gemm(f"{prefix}_up_proj", tokens, up, h, count, weight_values=sets * up * h)
+        act_flops = 5.0 if gated else 4.0  # SiLU/GELU plus the gating multiply
+        self.vector(f"{prefix}_act", tokens * up, tokens * inter, act_flops, count)
+        self.gemm(f"{prefix}_down_proj", tokens, h, inter, count, weight_values=sets * inter * h)
+
+    def moe_ffn(self, count: int) -> None:
+        moe = self.m.moe
+        if moe is None or count == 0:
+            return
+        h, T = self.m.hidden_size, self.T
+        self.norm("post_attention_norm", h, count)
+        self.gemm("router", T, moe.num_experts, h, count, wbytes=self.a)
+        self.vector("topk_gate", T * moe.num_experts, T * moe.top_k, 5.0, count)
+        routed = T * moe.top_k
+        self._mlp("experts", routed, moe.expert_intermediate_size, count,
+                  experts=expected_experts_touched(moe.num_experts, moe.top_k, T))
+        if moe.num_shared_experts:
+            self._mlp("shared_experts", T, moe.shared_intermediate * moe.num_shared_experts, count)
+        self.vector("expert_combine", routed * h, T * h, 2.0, count)
+        self.vector("residual_add", 2 * T * h, T * h, 1.0, count)
+
+
+def expected_experts_touched(num_experts: int, top_k: int, tokens: float) -> float:
+    """Expected distinct experts chosen by ``tokens`` tokens routing uniformly, top-k each.
+
+    An expert escapes one token with probability ``1 - k/E``, so
+    ``E[distinct] = E * (1 - (1 - k/E)^tokens)``.
+    """
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+def build_step(
+    model: ModelSpec,
+    step: StepShape,
+    precision: Precision = Precision(),
+    attention: AttentionImpl = "flash",
+) -> list[Op]:
+    """Every op of one forward step, in execution order of one layer (layers folded into count)."""
+    builder = _Builder(model, step, precision, attention)
+    builder.embedding()
+    builder.attention_block()
+    builder.dense_ffn(model.num_dense_layers)
+    builder.moe_ffn(model.num_moe_layers)
+    builder.head()
+    return builder.ops
+
+
+def decode_contexts(input_len: int, output_len: int, samples: int = 16) -> np.ndarray:
+    """Context lengths at which to sample the decode step, one per equal bin of output positions.
+
+    Decode step i (1..output_len-1) attends to ``input_len + i`` tokens; the
+    midpoint of each bin stands for the bin, so the mean over samples is the
+    mean over steps of a cost that is piecewise linear in context.
+    """
+    steps = output_len - 1
+    bins = max(1, min(samples, steps))
+    edges = np.linspace(1, steps + 1, bins + 1)
+    return input_len + (edges[:-1] + edges[1:] - 1) / 2.0
+
+
+def weight_bytes(model: ModelSpec, precision: Precision) -> float:
+    """Bytes of all weights: layers in the weight dtype, embeddings and LM head in the activation dtype."""
+    embed = model.embedding_params() + model.lm_head_params()
+    return (model.params() - embed) * precision.weight_bytes + embed * precision.act_bytes
+
+
+def kv_bytes_per_token(model: ModelSpec, kv_dtype: str, group_size: int = 128) -> float:
+    return model.kv_elements_per_token() * bytes_per_value(kv_dtype, group_size)
