@@ -16,12 +16,16 @@ from typing import Any
 from simulator import dtypes
 from simulator.errors import InferSimError
 
+DEFAULT_MODEL = "llama-2-7b"
+DEFAULT_HARDWARE = "a100-80gb-sxm"
+
 
 def _add_model_hardware(parser: argparse.ArgumentParser, hardware: bool = True) -> None:
-    parser.add_argument("--model", required=True, help="shipped model name, or a YAML/config.json path")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"shipped model name, or a YAML/config.json path (default {DEFAULT_MODEL})")
     if hardware:
-        parser.add_argument("--hardware", required=True,
-                            help="shipped device or system name, or a YAML path")
+        parser.add_argument("--hardware", default=DEFAULT_HARDWARE,
+                            help=f"shipped device or system name, or a YAML path (default {DEFAULT_HARDWARE})")
 
 
 def _add_shape(parser: argparse.ArgumentParser) -> None:

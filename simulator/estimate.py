@@ -41,10 +41,10 @@ def resolve_precision(device: Device, weight_dtype: str, kv_dtype: str | None, a
                       group_size: int) -> Precision:
     dtypes.check_choice(weight_dtype, dtypes.WEIGHT_DTYPES, "weight dtype")
     dtypes.check_choice(act_dtype, dtypes.ACT_DTYPES, "activation dtype")
-    kv = dtypes.check_choice(kv_dtype or act_dtype, dtypes.KV_DTYPES, "KV dtype")
-    compute = dtypes.compute_dtype(weight_dtype, act_dtype, set(device.compute))
-    # Vector ops and attention run in the activation dtype; fall back like the matrix units do.
-    act = act_dtype if act_dtype in device.compute or "fp32" in device.compute else compute
+    # A device without the requested activation dtype (bf16 on a T4) runs its fallback.
+    act = dtypes.compute_dtype("none", act_dtype, set(device.compute))
+    kv = dtypes.check_choice(kv_dtype or act, dtypes.KV_DTYPES, "KV dtype")
+    compute = dtypes.compute_dtype(weight_dtype, act, set(device.compute))
     return Precision(weight=weight_dtype, kv=kv, act=act, compute=compute, group_size=group_size)
 
 
@@ -67,7 +67,8 @@ def memory_use(model: ModelSpec, device: Device, precision: Precision, batch: in
     attention).
     """
     weights = weight_bytes(model, precision)
-    kv = batch * (input_len + output_len) * kv_bytes_per_token(model, precision.kv, precision.group_size)
+    kv_per_token = kv_bytes_per_token(model, precision.kv, precision.group_size)
+    kv = batch * model.cached_tokens(input_len + output_len) * kv_per_token
     residual = batch * input_len * model.hidden_size * precision.act_bytes
     transient = max(avg(c.op.activation_bytes) for c in prefill_costs)
     activations = residual + transient

@@ -57,16 +57,22 @@ class StepShape:
     def tokens(self) -> int:
         return self.batch * self.new_tokens
 
-    def attended_pairs(self, causal_skip: bool = True) -> Quantity:
+    def attended_pairs(self, causal_skip: bool = True, window: int | None = None) -> Quantity:
         """Query-key pairs scored per sequence and head.
 
         The new tokens sit at the end of the context; with causal skipping the
-        i-th new token sees ``context - new_tokens + i`` keys.
+        i-th new token sees ``context - new_tokens + i`` keys, at most ``window``.
         """
         n, c = self.new_tokens, self.context
         if not causal_skip:
-            return n * c
-        return n * c - n * (n - 1) / 2.0
+            return n * (c if window is None else np.minimum(c, window))
+        pairs = n * c - n * (n - 1) / 2.0
+        if window is not None:
+            # Keys beyond the window: query j (1..c) sees min(j, w) keys; subtract the excess.
+            first = c - n  # queries c-n+1 .. c
+            excess = lambda q: np.where(q > window, (q - window) * (q - window + 1) / 2.0, 0.0)  # noqa: E731
+            pairs = pairs - (excess(c) - excess(first))
+        return pairs
 
 
 class _Builder:
@@ -203,9 +209,9 @@ class _Builder:
         """
         b, step = self.step.batch, self.step
         flash = self.attention == "flash"
-        pairs = step.attended_pairs(causal_skip=flash) * b * heads
+        pairs = step.attended_pairs(causal_skip=flash, window=self.m.sliding_window) * b * heads
         flops = 2.0 * pairs * (qk_dim + v_dim) + 5.0 * pairs  # two matmuls + softmax
-        kv_read = b * step.context * kv_width * self.p.kv_bytes
+        kv_read = b * self.m.cached_tokens(step.context) * kv_width * self.p.kv_bytes
         q_bytes = self.T * heads * qk_dim * self.a
         out_bytes = self.T * heads * v_dim * self.a
         read, write = q_bytes + kv_read, out_bytes

@@ -7,6 +7,7 @@ error that lists the supported ones (never a guess from the model's name).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from simulator.errors import SpecError
@@ -27,9 +28,23 @@ def _activation(config: Config, key: str = "hidden_act") -> str:
     return {"swish": "silu", "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu"}.get(act, act)
 
 
+def _model_name(config: Config, source: str) -> str:
+    name = config.get("_name_or_path") or ""
+    # A hub id ("org/model") names the model; a local path ("/mnt/ckpt") does not.
+    if not name or name.startswith(("/", ".", "~")):
+        return Path(source).parent.name if Path(source).stem == "config" else Path(source).stem
+    return name
+
+
+def _sliding_window(config: Config) -> int | None:
+    if config.get("use_sliding_window") is False:
+        return None
+    return config.get("sliding_window") or None
+
+
 def _common(config: Config, source: str) -> Config:
     return {
-        "name": config.get("_name_or_path") or source,
+        "name": _model_name(config, source),
         "architecture": (config.get("architectures") or [config.get("model_type", "?")])[0],
         "source": f"Hugging Face config.json ({source})",
         "num_layers": _need(config, "num_hidden_layers", source),
@@ -40,6 +55,7 @@ def _common(config: Config, source: str) -> Config:
         "vocab_size": _need(config, "vocab_size", source),
         "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
         "max_position_embeddings": config.get("max_position_embeddings", 4096),
+        "sliding_window": _sliding_window(config),
     }
 
 
@@ -102,6 +118,8 @@ def _deepseek(config: Config, source: str) -> Config:
         "qk_rope_head_dim": _need(config, "qk_rope_head_dim", source),
         "v_head_dim": _need(config, "v_head_dim", source),
     }
+    if config.get("moe_layer_freq", 1) != 1:
+        raise SpecError(source, "moe_layer_freq", "interleaved dense/MoE layers are not supported")
     if config.get("n_routed_experts"):
         spec["moe"] = {
             "num_experts": config["n_routed_experts"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 from pydantic import Field, model_validator
 
 from simulator.specs.fields import Spec
@@ -75,6 +76,8 @@ class ModelSpec(Spec):
     attention_out_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    sliding_window: int | None = Field(None, gt=0)
+    """Attention sees (and the KV cache keeps) at most this many recent tokens."""
     moe: MoESpec | None = None
     mla: MLASpec | None = None
 
@@ -126,6 +129,10 @@ class ModelSpec(Spec):
         return "gqa" if self.kv_heads < self.num_attention_heads else "mha"
 
     # --- sizes ---------------------------------------------------------------------------
+
+    def cached_tokens(self, context: float) -> float:
+        """Tokens of a sequence held in (and read from) the KV cache: all, or the sliding window."""
+        return context if self.sliding_window is None else np.minimum(context, self.sliding_window)
 
     def kv_elements_per_token(self) -> int:
         """Cached elements per token over all layers: 2 * kv_heads * head_dim (latent for MLA)."""
