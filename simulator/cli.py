@@ -25,7 +25,8 @@ def _add_model_hardware(parser: argparse.ArgumentParser, hardware: bool = True) 
                         help=f"shipped model name, or a YAML/config.json path (default {DEFAULT_MODEL})")
     if hardware:
         parser.add_argument("--hardware", default=DEFAULT_HARDWARE,
-                            help=f"shipped device or system name, or a YAML path (default {DEFAULT_HARDWARE})")
+                            help="shipped device or system name, or a YAML path "
+                                 f"(default {DEFAULT_HARDWARE})")
 
 
 def _add_shape(parser: argparse.ArgumentParser) -> None:

@@ -34,7 +34,7 @@ def test_quantized_weights_and_kv_shrink_memory_and_decode_time(capsys):
     quant = run_json([*base, "--weight-dtype", "int4", "--kv-dtype", "fp8"], capsys)
     assert quant["memory_bytes"]["weights"] < 0.3 * bf16["memory_bytes"]["weights"]
     assert quant["memory_bytes"]["kv_cache"] == pytest.approx(bf16["memory_bytes"]["kv_cache"] / 2)
-    assert quant["tpot_s"] < 0.5 * bf16["tpot_s"]
+    assert quant["tpot_s"] < 0.6 * bf16["tpot_s"]
 
 
 def test_estimate_table(capsys):

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from simulator import estimate
 from simulator.specs.fields import EfficiencyCurve
+from simulator.specs.hardware import DeviceEfficiency
 from simulator.specs.loader import load_device, load_model, shipped_devices, shipped_models
 
 DENSE = ["llama-2-7b", "llama-3.1-8b", "mistral-7b", "opt-6.7b"]
@@ -101,13 +102,46 @@ def metrics(device):
     ],
 )
 def test_every_efficiency_parameter_moves_the_output(field, value, moves):
-    device = load_device("h100-sxm")
+    # The datasheet device: no tile model or per-kernel entries to shadow the curves.
+    device = load_device("h100-sxm").model_copy(update={"efficiency": DeviceEfficiency()})
     ttft, tpot, _ = metrics(device)
     ttft2, tpot2, _ = metrics(with_efficiency(device, **{field: value}))
     if moves in ("ttft", "both"):
         assert ttft2 != pytest.approx(ttft, rel=1e-3)
     if moves in ("tpot", "both"):
         assert tpot2 != pytest.approx(tpot, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("efficiency", 0.5), ("operand_bandwidth", 2e12), ("tile_overhead", 20e-6),
+     ("tiles", ((128, 128),)), ("split_k", (1,))],
+)
+def test_every_gemm_tiling_parameter_moves_prefill(field, value):
+    device = load_device("h100-sxm")
+    assert device.efficiency.gemm is not None
+    tiling = device.efficiency.gemm.model_copy(update={field: value})
+    changed = with_efficiency(device, gemm=tiling)
+    # Short prompts feel splits and per-tile costs; long ones the tile rate and shapes.
+    moved = []
+    for prompt in (96, 1000, 4096):
+        shape = {"batch": 1, "input_len": prompt, "output_len": 2}
+        base_ttft = run("llama-2-7b", device, **shape).ttft_s
+        moved.append(run("llama-2-7b", changed, **shape).ttft_s != pytest.approx(base_ttft, rel=1e-3))
+    assert any(moved)
+
+
+@pytest.mark.parametrize("kind", ["gemm", "norm", "rope", "activation", "embedding", "elementwise"])
+@pytest.mark.parametrize("field", ["bandwidth", "half_size", "floor"])
+def test_every_kernel_entry_moves_the_output(kind, field):
+    device = load_device("h100-sxm")
+    entry = device.efficiency.kernels[kind]
+    value = {"bandwidth": entry.bandwidth / 2, "half_size": entry.half_size * 10 + 1e6,
+             "floor": entry.floor * 10 + 1e-4}[field]
+    kernels = {**device.efficiency.kernels, kind: entry.model_copy(update={field: value})}
+    changed = with_efficiency(device, kernels=kernels)
+    before, after = metrics(device), metrics(changed)
+    assert after[:2] != pytest.approx(before[:2], rel=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,13 @@
 """Roofline time and energy of one op on one device.
 
-``time = max(flops / (peak[dtype] * eff_c(flops)), bytes / (bw * eff_m(bytes))) + kernel_overhead``
+``time = max(flops / (peak[dtype] * eff_c(flops)), bytes / (bw * eff_m(bytes)), floor) + kernel_overhead``
+
+where a device's per-kind ``kernels`` entry, when present, gives
+``bytes / (bw * eff_m(bytes)) = (bytes + half_size) / (bw * bandwidth)`` and the floor.
 
 Matrix ops (GEMMs, attention) run on the matrix units at the op's compute
-dtype; vector ops (norms, activations, adds) on the fp32 vector units where
+dtype (GEMMs through the tile and wave model of ``gemm.py`` when the device
+has one); vector ops (norms, activations, adds) on the fp32 vector units where
 the device lists them. Power follows ``PowerSpec``: idle plus energy per FLOP
 and per byte, capped at the device's maximum.
 """
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from simulator.cost.gemm import gemm_compute_s
+from simulator.dtypes import bytes_per_value
 from simulator.errors import UnsupportedError
 from simulator.graph.ops import Op, Quantity, avg
 from simulator.specs.hardware import Device
@@ -76,9 +82,21 @@ def cost_op(op: Op, device: Device) -> OpCost:
     eff = device.efficiency
     peak = _peak(device, op)
     nbytes = op.bytes
-    compute_s = op.flops / (peak * eff.compute.at(op.flops))
-    memory_s = nbytes / (device.main_memory.bandwidth * eff.memory.at(nbytes))
-    time_s = np.maximum(compute_s, memory_s) + eff.kernel_overhead
+    if op.kind == "gemm" and eff.gemm is not None and op.shape is not None:
+        m, n, k = op.shape
+        compute_s = gemm_compute_s(m, n, k, peak, device, eff.gemm, bytes_per_value(op.dtype))
+    else:
+        compute_s = op.flops / (peak * eff.compute.at(op.flops))
+    kernel = eff.kernels.get(op.kind)
+    bandwidth = device.main_memory.bandwidth
+    if kernel is None:
+        memory_s = nbytes / (bandwidth * np.maximum(eff.memory.at(nbytes), 1e-12))
+        floor = 0.0
+    else:
+        memory_s = (nbytes + kernel.half_size) / (bandwidth * kernel.bandwidth)
+        floor = kernel.floor
+    busy_s = np.maximum(np.maximum(compute_s, memory_s), floor)
+    time_s = busy_s + eff.kernel_overhead
     energy = op_power_w(device, op.flops, nbytes, peak, time_s) * time_s
     return OpCost(op, compute_s, memory_s, eff.kernel_overhead, time_s, energy, peak)
 

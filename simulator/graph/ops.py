@@ -16,7 +16,8 @@ from typing import Literal
 import numpy as np
 
 Quantity = float | np.ndarray
-OpKind = Literal["gemm", "attention", "elementwise", "norm", "embedding", "sampling"]
+OpKind = Literal["gemm", "attention", "elementwise", "norm", "rope", "activation", "embedding", "sampling"]
+"""What kind of kernel an op is: devices may reach different fractions of bandwidth per kind."""
 Unit = Literal["matrix", "vector"]
 
 

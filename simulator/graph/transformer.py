@@ -152,7 +152,7 @@ class _Builder:
         if m.qk_norm:
             self.vector("qk_norm", T * (H + KV) * d, T * (H + KV) * d, 4.0, L, kind="norm")
         if m.position_encoding == "rope":
-            self.vector("rope", T * (H + KV) * d, T * (H + KV) * d, 3.0, L)
+            self.vector("rope", T * (H + KV) * d, T * (H + KV) * d, 3.0, L, kind="rope")
         self._kv_write(2 * KV * d, L)
         self._attention_core(L, heads=H, qk_dim=d, v_dim=d, kv_width=2 * KV * d)
         self.gemm("o_proj", T, m.hidden_size, H * d, L)
@@ -172,7 +172,7 @@ class _Builder:
         self.gemm("kv_down_proj", T, latent, h, L)
         self.norm("kv_norm", mla.kv_lora_rank, L)
         self.vector("rope", T * (H + 1) * mla.qk_rope_head_dim, T * (H + 1) * mla.qk_rope_head_dim,
-                    3.0, L)
+                    3.0, L, kind="rope")
         self._kv_write(latent, L)
         up_width = H * (mla.qk_nope_head_dim + mla.v_head_dim)
         if self.step.phase == "prefill":
@@ -241,7 +241,7 @@ class _Builder:
         sets = 1.0 if experts is None else experts
         self.gemm(f"{prefix}_up_proj", tokens, up, h, count, weight_values=sets * up * h)
         act_flops = 5.0 if gated else 4.0  # SiLU/GELU plus the gating multiply
-        self.vector(f"{prefix}_act", tokens * up, tokens * inter, act_flops, count)
+        self.vector(f"{prefix}_act", tokens * up, tokens * inter, act_flops, count, kind="activation")
         self.gemm(f"{prefix}_down_proj", tokens, h, inter, count, weight_values=sets * inter * h)
 
     def moe_ffn(self, count: int) -> None:

@@ -10,14 +10,26 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationInfo,
+    model_validator,
+)
 
 from simulator.specs import units
 
 
 def _unit_field(dimension: units.Dimension, allow_zero: bool = False):
-    def parse(value: object) -> float:
-        quantity = units.parse_quantity(value, dimension)
+    def parse(value: object, info: ValidationInfo) -> float:
+        # Spec files must say their units; Python callers pass SI numbers.
+        from_file = bool(info.context and info.context.get("from_file"))
+        if not from_file and isinstance(value, (int, float)) and not isinstance(value, bool):
+            quantity = float(value)
+        else:
+            quantity = units.parse_quantity(value, dimension)
         if quantity < 0 or (quantity == 0 and not allow_zero):
             raise ValueError(f"{dimension.name} must be positive, got {value!r}")
         return quantity
@@ -49,18 +61,36 @@ class Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _size(value: object) -> object:
+    if isinstance(value, str):
+        return units.parse_quantity(value, units.SIZE)
+    return value  # type: ignore[return-value]
+
+
 class EfficiencyCurve(Spec):
     """Achievable fraction of a peak as a function of an op's size.
 
-    ``points`` are ``[size, fraction]`` pairs, size in FLOPs (compute curves)
-    or bytes (memory curves); between points the fraction is interpolated
-    linearly in log10(size) and held constant beyond the ends.
+    Either ``points``, ``[size, fraction]`` pairs with size in FLOPs (compute
+    curves) or bytes (memory curves), interpolated linearly in log10(size) and
+    held constant beyond the ends; or a ramp ``peak * size / (size + half_size)``,
+    which is the same as a fixed start-up cost of ``half_size`` bytes (or FLOPs)
+    at the peak rate.
     """
 
-    points: tuple[tuple[float, Fraction], ...]
+    points: tuple[tuple[float, Fraction], ...] = ()
+    peak: Fraction | None = None
+    half_size: Annotated[float, BeforeValidator(_size)] | None = None
 
     @model_validator(mode="after")
-    def _sorted(self) -> EfficiencyCurve:
+    def _one_form(self) -> EfficiencyCurve:
+        if (self.peak is None) != (self.half_size is None):
+            raise ValueError("a ramp needs both peak and half_size")
+        if self.peak is not None:
+            if self.points:
+                raise ValueError("give either points or peak/half_size, not both")
+            if self.half_size < 0:  # type: ignore[operator]
+                raise ValueError("half_size must not be negative")
+            return self
         sizes = [size for size, _ in self.points]
         if not sizes:
             raise ValueError("an efficiency curve needs at least one [size, fraction] point")
@@ -69,6 +99,8 @@ class EfficiencyCurve(Spec):
         return self
 
     def at(self, size: float | np.ndarray) -> float | np.ndarray:
+        if self.peak is not None:
+            return self.peak * size / (size + self.half_size)
         if len(self.points) == 1:
             return self.points[0][1]
         log_sizes = np.log10([p[0] for p in self.points])

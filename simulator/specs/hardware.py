@@ -7,9 +7,9 @@ CPU or unified-memory SoC); the op graph's ``device`` tier maps onto it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from simulator.specs.fields import (
     Bandwidth,
@@ -17,11 +17,13 @@ from simulator.specs.fields import (
     Efficiency,
     EfficiencyCurve,
     FlopRate,
+    Fraction,
     Hertz,
     Joules,
     Seconds,
     Spec,
     Watts,
+    _size,
 )
 
 ComputeDType = Literal["fp64", "fp32", "tf32", "bf16", "fp16", "fp8", "fp4", "int8", "int4"]
@@ -58,17 +60,60 @@ class PowerSpec(Spec):
         return self
 
 
+class GemmTiling(Spec):
+    """GEMM compute time from output tiles and waves over the compute units.
+
+    The kernel covers the ``m x n`` output with ``tm x tn`` tiles (optionally
+    splitting ``k`` into ``split`` slices); tiles run in waves of one tile per
+    compute unit, and the last, partial wave costs a full one. A tile's time is
+    the larger of its math at ``efficiency`` of one unit's share of the peak and
+    its operand traffic (``(tm + tn) * k`` values) at one unit's share of the
+    cache bandwidth, plus a fixed ``tile_overhead``. The fastest tiling wins,
+    as a library's heuristic would pick.
+    """
+
+    tiles: tuple[tuple[int, int], ...] = ((256, 128), (128, 256), (128, 128), (128, 64), (64, 128),
+                                          (64, 64), (32, 128), (16, 128))
+    split_k: tuple[int, ...] = (1, 2, 4, 8)
+    efficiency: Fraction = 0.85
+    tile_overhead: Seconds = 0.0
+    """Fixed time per tile beyond its main loop: pipeline fill and writing the output tile."""
+    operand_bandwidth: Bandwidth | None = None
+    """Aggregate rate at which the cache feeds tiles their operands (L2 to SMs); none: unlimited."""
+
+
+class KernelEfficiency(Spec):
+    """How one kind of kernel uses the memory system on this device.
+
+    Achieved bandwidth ramps as ``bandwidth * B / (B + half_size)`` with the
+    bytes ``B`` it moves (a fixed start-up cost of ``half_size`` bytes' worth
+    of time), and no kernel of this kind takes less than ``floor``.
+    """
+
+    bandwidth: Fraction
+    half_size: Annotated[float, BeforeValidator(_size)] = 0.0
+    floor: Seconds = 0.0
+
+
 class DeviceEfficiency(Spec):
     """Achievable fractions of the datasheet peaks, and the fixed cost of one kernel.
 
     ``compute`` is a curve over an op's FLOPs, ``memory`` over its bytes;
-    either may be a single constant.
+    either may be a single constant. ``gemm`` switches GEMMs to the tile and
+    wave model. ``kernels`` replaces the ``memory`` curve for the kinds of
+    kernel it names (gemm, norm, rope, activation, embedding, elementwise,
+    attention): properties of the kernel library on this device, not of any
+    model.
     """
 
     compute: Efficiency = EfficiencyCurve(points=((1.0, 0.7),))
     memory: Efficiency = EfficiencyCurve(points=((1.0, 0.8),))
     kernel_overhead: Seconds = 5e-6
+    gemm: GemmTiling | None = None
+    kernels: dict[str, KernelEfficiency] = {}
     provenance: str = "default: round numbers, not fitted to any measurement"
+    fit: dict[str, Any] | None = None
+    """How fitted values were obtained: source files, method, residuals."""
 
 
 class Device(Spec):
@@ -90,6 +135,12 @@ class Device(Spec):
             raise ValueError("compute needs at least one dtype, e.g. 'bf16: 312 TFLOPS'")
         return self
 
+    @model_validator(mode="after")
+    def _tiling_needs_units(self) -> Device:
+        if self.efficiency.gemm is not None and self.compute_units is None:
+            raise ValueError("efficiency.gemm needs compute_units (SMs or CUs)")
+        return self
+
     @property
     def main_memory(self) -> MemoryTier:
         return self.memory[0]
@@ -107,11 +158,36 @@ class Host(Spec):
 
 
 class Link(Spec):
-    """A point-to-point or switched link; ``bandwidth`` is per direction."""
+    """A point-to-point or switched link; ``bandwidth`` is per direction.
+
+    ``latency`` is the cost of one hop (one step of a ring or tree);
+    ``efficiency`` the achievable fraction of ``bandwidth`` in bulk transfers.
+    """
 
     name: str
     bandwidth: Bandwidth
     latency: Seconds = 0.0
+    efficiency: Fraction = 1.0
+
+
+CollectiveAlgorithm = Literal["ring", "tree", "direct", "nvls", "send_recv"]
+
+
+class CollectiveSpec(Spec):
+    """Software costs of collectives, on top of the links' alpha-beta.
+
+    ``algorithms`` lists the all-reduce algorithms the library may choose
+    from (NCCL: ring, tree, and nvls on NVSwitch with SHARP; "direct" is the
+    one-shot custom all-reduce of vLLM and TensorRT-LLM); the fastest for each
+    message size is taken, as NCCL's tuner does. ``latency`` adds a fixed
+    cost per algorithm (protocol set-up, synchronisation) to ``launch``.
+    """
+
+    launch: Seconds = 0.0
+    algorithms: tuple[CollectiveAlgorithm, ...] = ("ring", "tree")
+    latency: dict[CollectiveAlgorithm, Seconds] = {}
+    provenance: str = "default: no software cost beyond the links"
+    fit: dict[str, Any] | None = None
 
 
 class Storage(Spec):
@@ -141,6 +217,7 @@ class System(Spec):
     host: Host | None = None
     storage: Storage | None = None
     links: SystemLinks = SystemLinks()
+    collectives: CollectiveSpec = CollectiveSpec()
 
     @model_validator(mode="after")
     def _links_for_size(self) -> System:

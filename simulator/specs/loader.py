@@ -80,7 +80,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def validate(cls: type[SpecT], data: dict[str, Any], source: str) -> SpecT:
     """Build a spec, reporting the first invalid field by its dotted path."""
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(data, context={"from_file": True})
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or None
@@ -117,6 +117,7 @@ def _load_system_path(path: Path) -> System:
         return System.single(_load_device_path(path))
     if kind != "system":
         raise SpecError(str(path), "kind", f"expected 'device' or 'system', got {kind!r}")
+    data = _merge_fitted_links(data)
     device = data.get("device")
     if isinstance(device, str):
         try:
@@ -124,6 +125,27 @@ def _load_system_path(path: Path) -> System:
         except SpecError as err:
             raise SpecError(str(path), "device", err.message) from None
     return validate(System, data, str(path))
+
+
+def _merge_fitted_links(data: dict[str, Any]) -> dict[str, Any]:
+    """``fitted_links`` (written by the collective fit) overrides links' latency and efficiency."""
+    fitted = data.get("fitted_links")
+    if not fitted:
+        return {key: value for key, value in data.items() if key != "fitted_links"}
+    links = dict(data.get("links") or {})
+    for name, values in fitted.items():
+        if not isinstance(links.get(name), dict) or not isinstance(values, dict):
+            continue  # validation reports the missing or malformed link
+        links[name] = {**links[name], **values}
+    return {**{k: v for k, v in data.items() if k != "fitted_links"}, "links": links}
+
+
+def datasheet_text(path: Path) -> str:
+    """A spec file's text before any fitted block: its datasheet values alone."""
+    from simulator.calibrate.operators import FIT_MARKER
+
+    text = path.read_text()
+    return text[: text.index(FIT_MARKER)] if FIT_MARKER in text else text
 
 
 def load_system(name_or_path: str | Path | System | Device) -> System:

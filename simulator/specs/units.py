@@ -50,6 +50,8 @@ TIME = Dimension("time", "2 us", TIME_UNITS)
 POWER = Dimension("power", "700 W", _prefixed("W", binary=False))
 FREQUENCY = Dimension("frequency", "1.98 GHz", _prefixed("Hz", binary=False))
 ENERGY = Dimension("energy", "0.5 pJ", ENERGY_UNITS)
+FLOP_COUNT = Dimension("FLOP count", "2 GFLOP", _prefixed("FLOP", binary=False))
+SIZE = Dimension("size in bytes or FLOPs", "4 MB", {**_BYTES, **FLOP_COUNT.units})
 PRICE_PER_HOUR = Dimension("price", "2.5 USD/h", {"USD/h": 1.0, "$/h": 1.0})
 
 
