@@ -42,7 +42,7 @@ def compute_dtype(weight_dtype: str, act_dtype: str, device_dtypes: set[str]) ->
     fp8 weights run fp8 x fp8 where the device has fp8 units (W8A8, as TensorRT-LLM
     does on Hopper); every other quantized weight is dequantized to the activation
     dtype (weight-only quantization). A device without the activation dtype falls
-    back to fp16, then fp32.
+    back to fp16, then bf16, then fp32.
     """
     if weight_dtype == "fp8" and "fp8" in device_dtypes:
         return "fp8"

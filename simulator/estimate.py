@@ -63,12 +63,13 @@ def memory_use(model: ModelSpec, device: Device, precision: Precision, batch: in
     """Weights, KV cache for the whole sequence, and the largest live activation set.
 
     Activations: the residual stream of the prefill plus the largest transient
-    input+output of any single op of the prefill (the score matrix, for naive
-    attention).
+    traffic of any single op of the prefill (for naive attention this counts
+    the score matrix's reads and writes, an upper bound on what is live).
     """
     weights = weight_bytes(model, precision)
     kv_per_token = kv_bytes_per_token(model, precision.kv, precision.group_size)
-    kv = batch * model.cached_tokens(input_len + output_len) * kv_per_token
+    # The last generated token is sampled, never fed back: its K/V are never written.
+    kv = batch * model.cached_tokens(input_len + output_len - 1) * kv_per_token
     residual = batch * input_len * model.hidden_size * precision.act_bytes
     transient = max(avg(c.op.activation_bytes) for c in prefill_costs)
     activations = residual + transient
@@ -85,7 +86,7 @@ def _does_not_fit(model: ModelSpec, device: Device, precision: Precision, batch:
     room = memory.capacity - memory.weights
     if room > per_sequence:
         hints.append(f"batch <= {int(room // per_sequence)}")
-    for dtype in ("fp8", "int8", "int4"):
+    for dtype in ("fp8", "int4"):  # int8 is never smaller than fp8, so never the one that fits
         if dtypes.BITS[dtype] >= dtypes.BITS[precision.weight]:
             continue
         smaller = weight_bytes(model, Precision(weight=dtype, act=precision.act,

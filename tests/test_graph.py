@@ -109,5 +109,23 @@ def test_sliding_window_caps_kv_cache_and_attention():
 
     short = estimate("mistral-7b", "h100-sxm", input_len=4000, output_len=64)
     long = estimate("mistral-7b", "h100-sxm", input_len=16000, output_len=64)
-    assert long.memory.kv_cache == pytest.approx(short.memory.kv_cache * 4096 / 4064)
+    # 4000 + 64 - 1 tokens are cached for the short prompt; the window caps the long one.
+    assert long.memory.kv_cache == pytest.approx(short.memory.kv_cache * 4096 / 4063)
     assert long.tpot_s == pytest.approx(short.tpot_s, rel=0.01)
+
+
+def test_mla_prefill_reads_materialised_heads_not_the_latent():
+    model = load_model("deepseek-v2-lite")
+    mla = model.mla
+    prefill = build_step(model, StepShape("prefill", 1, 1024, 1024.0))
+    attention = next(op for op in prefill if op.name == "attention")
+    per_head = model.num_attention_heads * (mla.qk_nope_head_dim + mla.qk_rope_head_dim + mla.v_head_dim)
+    assert attention.kv_read_bytes == 0  # nothing comes from the cache in a fresh prefill
+    assert attention.read_bytes >= 1024 * per_head * 2
+
+
+def test_sliding_window_prefill_reads_every_key_it_needs():
+    model = load_model("mistral-7b")  # window 4096
+    step = StepShape("prefill", 1, 8192, 8192.0)
+    attention = next(op for op in build_step(model, step) if op.name == "attention")
+    assert attention.kv_read_bytes == pytest.approx(8192 * 2 * 8 * 128 * 2)

@@ -62,10 +62,11 @@ class StepShape:
 
         The new tokens sit at the end of the context; with causal skipping the
         i-th new token sees ``context - new_tokens + i`` keys, at most ``window``.
+        Without it (naive attention) every new token scores the whole context.
         """
         n, c = self.new_tokens, self.context
         if not causal_skip:
-            return n * (c if window is None else np.minimum(c, window))
+            return n * c
         pairs = n * c - n * (n - 1) / 2.0
         if window is not None:
             # Keys beyond the window: query j (1..c) sees min(j, w) keys; subtract the excess.
@@ -128,9 +129,10 @@ class _Builder:
         b, h, v = self.step.batch, self.m.hidden_size, self.m.vocab_size
         self.norm("final_norm", h, 1, tokens=b)
         self.gemm("lm_head", b, v, h, 1, wbytes=self.a)
-        # Sampling: softmax over fp32 logits, then top-k/top-p selection (~5 FLOPs per logit).
+        # Sampling: softmax over the logits as the LM head wrote them (upcast in registers),
+        # then top-k/top-p selection (~5 FLOPs per logit).
         self.ops.append(Op(
-            name="sampling", kind="sampling", flops=5.0 * b * v, read_bytes=b * v * 4.0,
+            name="sampling", kind="sampling", flops=5.0 * b * v, read_bytes=b * v * self.a,
             write_bytes=b * 4.0, dtype="fp32",
         ))
 
@@ -180,15 +182,16 @@ class _Builder:
             ctx_tokens = self.step.batch * self.step.context
             self.gemm("kv_up_proj", ctx_tokens, up_width, mla.kv_lora_rank, L)
             self._attention_core(L, heads=H, qk_dim=q_head, v_dim=mla.v_head_dim,
-                                 kv_width=latent)
+                                 kv_width=H * (q_head + mla.v_head_dim), materialised=True)
         else:
             # Decode absorbs the up-projections into the query and output (DeepSeek-V2 §2.1.2):
             # attention runs over the cached latent, shared by all heads like MQA.
-            self.gemm("q_absorb", T, H * mla.kv_lora_rank, mla.qk_nope_head_dim, L,
+            # One small GEMM per head (a batched GEMM): m = tokens x heads rows in all.
+            self.gemm("q_absorb", T * H, mla.kv_lora_rank, mla.qk_nope_head_dim, L,
                       weight_values=H * mla.qk_nope_head_dim * mla.kv_lora_rank)
             self._attention_core(L, heads=H, qk_dim=latent, v_dim=mla.kv_lora_rank,
                                  kv_width=latent)
-            self.gemm("out_absorb", T, H * mla.v_head_dim, mla.kv_lora_rank, L,
+            self.gemm("out_absorb", T * H, mla.v_head_dim, mla.kv_lora_rank, L,
                       weight_values=H * mla.kv_lora_rank * mla.v_head_dim)
         self.gemm("o_proj", T, h, H * mla.v_head_dim, L)
 
@@ -200,21 +203,28 @@ class _Builder:
             dtype=self.p.act, count=L,
         ))
 
-    def _attention_core(self, L: int, heads: int, qk_dim: int, v_dim: int, kv_width: int) -> None:
+    def _attention_core(self, L: int, heads: int, qk_dim: int, v_dim: int, kv_width: int,
+                        materialised: bool = False) -> None:
         """Scores, softmax and weighted values for all heads of one layer.
 
-        FlashAttention reads Q and the cached K/V once and writes O; naive
+        FlashAttention reads Q and the K/V it needs once and writes O; naive
         attention also writes the score matrix, reads and rewrites it in
         softmax, and reads it again for the values, with no causal skipping.
+        K/V come from the cache (``kv_width`` values per token in the KV
+        dtype), or, ``materialised``, from activations just computed (MLA prefill).
+        With a sliding window the new tokens together need the last
+        ``window + new_tokens - 1`` keys.
         """
-        b, step = self.step.batch, self.step
+        b, step, window = self.step.batch, self.step, self.m.sliding_window
         flash = self.attention == "flash"
-        pairs = step.attended_pairs(causal_skip=flash, window=self.m.sliding_window) * b * heads
+        pairs = step.attended_pairs(causal_skip=flash, window=window) * b * heads
         flops = 2.0 * pairs * (qk_dim + v_dim) + 5.0 * pairs  # two matmuls + softmax
-        kv_read = b * self.m.cached_tokens(step.context) * kv_width * self.p.kv_bytes
+        keys = step.context if window is None else np.minimum(step.context, window + step.new_tokens - 1)
+        kv_bytes = b * keys * kv_width * (self.a if materialised else self.p.kv_bytes)
+        kv_read = 0.0 if materialised else kv_bytes
         q_bytes = self.T * heads * qk_dim * self.a
         out_bytes = self.T * heads * v_dim * self.a
-        read, write = q_bytes + kv_read, out_bytes
+        read, write = q_bytes + kv_bytes, out_bytes
         if not flash:
             scores = pairs * self.a
             read, write = read + 2 * scores, write + 2 * scores
@@ -290,8 +300,9 @@ def decode_contexts(input_len: int, output_len: int, samples: int = 16) -> np.nd
     """Context lengths at which to sample the decode step, one per equal bin of output positions.
 
     Decode step i (1..output_len-1) attends to ``input_len + i`` tokens; the
-    midpoint of each bin stands for the bin, so the mean over samples is the
-    mean over steps of a cost that is piecewise linear in context.
+    midpoint of each bin stands for the bin. The mean over samples equals the
+    mean over steps for a cost linear in context; a kink inside a bin (a
+    sliding window filling up, a switch of roof) makes it approximate.
     """
     steps = output_len - 1
     bins = max(1, min(samples, steps))

@@ -94,8 +94,8 @@ class EfficiencyCurve(Spec):
         sizes = [size for size, _ in self.points]
         if not sizes:
             raise ValueError("an efficiency curve needs at least one [size, fraction] point")
-        if any(size <= 0 for size in sizes) or sizes != sorted(sizes):
-            raise ValueError("curve sizes must be positive and increasing")
+        if any(size <= 0 for size in sizes) or any(a >= b for a, b in zip(sizes, sizes[1:])):
+            raise ValueError("curve sizes must be positive and strictly increasing")
         return self
 
     def at(self, size: float | np.ndarray) -> float | np.ndarray:

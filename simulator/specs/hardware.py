@@ -2,7 +2,7 @@
 
 All quantities are SI floats parsed from YAML with units (see ``fields``).
 A device's first memory tier is its main memory (HBM, GDDR, or DRAM for a
-CPU or unified-memory SoC); the op graph's ``device`` tier maps onto it.
+CPU or unified-memory SoC); every op's bytes are costed against it.
 """
 
 from __future__ import annotations
