@@ -3,11 +3,14 @@
 The best analytical GPU models (LLMCompass, Calculon) cost a GEMM by how its
 output divides into tiles and how the tiles fill the streaming
 multiprocessors; see ``GemmTiling`` for the rule and ``docs/model.md`` for
-the equation. Everything here is vectorized over ``m`` so one call costs a
-GEMM at many token counts.
+the equation. All candidate tilings are evaluated at once with numpy
+broadcasting, over every ``m`` given, so one call costs a GEMM at many token
+counts.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import numpy as np
 
@@ -15,24 +18,27 @@ from simulator.graph.ops import Quantity
 from simulator.specs.hardware import Device, GemmTiling
 
 
+@lru_cache(maxsize=64)
+def _candidates(tiling: GemmTiling, k: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tile rows, tile columns and k-splits of every candidate tiling (column vectors)."""
+    rows = [(tm, tn, split) for tm, tn in tiling.tiles for split in tiling.split_k
+            if split == 1 or k / split >= 128]
+    tm, tn, split = (np.array(col, dtype=float)[:, None] for col in zip(*rows, strict=True))
+    return tm, tn, split
+
+
 def gemm_compute_s(m: Quantity, n: float, k: float, peak_flops: float, device: Device,
                    tiling: GemmTiling, operand_bytes: float) -> Quantity:
-    """Time of the fastest tiling: ``waves * max(tile math, tile operand traffic)``."""
+    """Time of the fastest tiling: ``waves * (max(tile math, tile operand traffic) + tile_overhead)``."""
     units = device.compute_units
     assert units is not None
-    unit_rate = peak_flops * tiling.efficiency / units
-    unit_bw = tiling.operand_bandwidth / units if tiling.operand_bandwidth else None
-    m = np.asarray(m, dtype=float)
-    best = np.full(m.shape, np.inf)
-    for tm, tn in tiling.tiles:
-        tiles = np.ceil(m / tm) * np.ceil(n / tn)
-        for split in tiling.split_k:
-            if split > 1 and k / split < 128:
-                continue
-            slice_k = k / split
-            tile_s = 2.0 * tm * tn * slice_k / unit_rate
-            if unit_bw is not None:
-                tile_s = max(tile_s, (tm + tn) * slice_k * operand_bytes / unit_bw)
-            tile_s += tiling.tile_overhead
-            best = np.minimum(best, np.ceil(tiles * split / units) * tile_s)
-    return best if best.ndim else float(best)
+    tm, tn, split = _candidates(tiling, float(k))
+    slice_k = k / split
+    tile_s = 2.0 * tm * tn * slice_k / (peak_flops * tiling.efficiency / units)
+    if tiling.operand_bandwidth:
+        tile_s = np.maximum(tile_s, (tm + tn) * slice_k * operand_bytes / (tiling.operand_bandwidth / units))
+    tile_s = tile_s + tiling.tile_overhead
+    m_row = np.atleast_1d(np.asarray(m, dtype=float))[None, :]
+    waves = np.ceil(np.ceil(m_row / tm) * np.ceil(n / tn) * split / units)
+    best = (waves * tile_s).min(axis=0)
+    return best if np.ndim(m) else float(best[0])
