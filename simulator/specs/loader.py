@@ -23,8 +23,12 @@ from simulator.specs.model import ModelSpec
 SpecT = TypeVar("SpecT", bound=BaseModel)
 
 
+_REPOSITORY = Path(__file__).resolve().parents[2]
+
+
 def spec_root() -> Path:
-    return Path(os.environ.get("INFERSIM_ROOT", Path(__file__).resolve().parents[2]))
+    override = os.environ.get("INFERSIM_ROOT")
+    return Path(override) if override else _REPOSITORY
 
 
 def _shipped(folder: str) -> dict[str, Path]:
