@@ -65,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("what", choices=("models", "hardware"))
     lst.add_argument("--json", action="store_true")
 
+    cal = sub.add_parser("calibrate", help="fit this host's CPU as a device from microbenchmarks")
+    cal.add_argument("--out", required=True,
+                     help="hardware YAML to write, e.g. hardware_specs/local/NAME.yaml")
+    cal.add_argument("--name", help="device name (default: the file name)")
+    cal.add_argument("--quick", action="store_true", help="fewer sizes and shorter timings (~1 min)")
+
+    from validation.executor.cli import add_execute_parser
+
+    add_execute_parser(sub)
+
+    val = sub.add_parser("validate", help="predict measured executor runs and report the error")
+    val.add_argument("--measurements", required=True, help="CSV written by python -m validation.measure")
+    val.add_argument("--hardware", required=True, help="hardware spec of the machine that measured")
+    val.add_argument("--max-median-error", type=float, help="exit 1 when a median |error| exceeds this")
+    val.add_argument("--max-p90-error", type=float, help="exit 1 when a p90 |error| exceeds this")
+    val.add_argument("--report", help="also write a markdown report here")
+
     roof = sub.add_parser("roofline", help="plot the device roofline with every op of the estimate")
     _add_model_hardware(roof)
     _add_shape(roof)
@@ -169,7 +186,31 @@ def cmd_roofline(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"estimate": cmd_estimate, "info": cmd_info, "list": cmd_list, "roofline": cmd_roofline}
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from simulator.calibrate.host import main_calibrate
+
+    return main_calibrate(Path(args.out), args.quick, args.name)
+
+
+def cmd_execute(args: argparse.Namespace) -> int:
+    from validation.executor.cli import cmd_execute as run_execute
+
+    return run_execute(args)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from validation.compare import validate
+
+    return validate(Path(args.measurements), args.hardware, args.max_median_error, args.max_p90_error,
+                    Path(args.report) if args.report else None)
+
+
+COMMANDS = {"estimate": cmd_estimate, "info": cmd_info, "list": cmd_list, "roofline": cmd_roofline,
+            "calibrate": cmd_calibrate, "execute": cmd_execute, "validate": cmd_validate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,8 @@ import pandas as pd
 import yaml
 from scipy.optimize import least_squares
 
+from simulator.cost.roofline import cost_op
+from simulator.graph.ops import Op
 from simulator.specs.fields import EfficiencyCurve
 from simulator.specs.hardware import (
     CollectiveSpec,
@@ -42,20 +44,26 @@ FIT_MARKER = "# --- fitted: written by `python -m simulator.calibrate.operators`
 
 # --- devices ------------------------------------------------------------------------------
 
-# (name, lower, upper, initial) in the optimiser's coordinates.
-DEVICE_PARAMS = [
-    ("log10_kernel_overhead_s", -7.0, -4.0, -5.5),
-    ("gemm_efficiency", 0.3, 1.0, 0.8),
-    ("log10_operand_bandwidth", 12.0, 14.5, 13.0),
-    ("log10_tile_overhead_s", -8.0, -4.5, -6.5),
-    *[(f"{kind}_bandwidth", 0.05, 1.0, 0.8) for kind in KERNEL_KINDS],
-    *[(f"log10_{kind}_half_bytes", 2.0, 9.0, 6.0) for kind in KERNEL_KINDS],
-    *[(f"log10_{kind}_floor_s", -7.0, -4.0, -5.5) for kind in KERNEL_KINDS],
-]
+def device_params(kinds: tuple[str, ...] = KERNEL_KINDS) -> list[tuple[str, float, float, float]]:
+    """(name, lower, upper, initial) of every fitted device parameter, in the optimiser's coordinates."""
+    return [
+        ("log10_kernel_overhead_s", -7.0, -4.0, -5.5),
+        ("gemm_efficiency", 0.3, 1.0, 0.8),
+        ("log10_operand_bandwidth", 10.0, 14.5, 13.0),
+        ("log10_tile_overhead_s", -8.0, -4.5, -6.5),
+        *[(f"{kind}_bandwidth", 0.02, 1.0, 0.8) for kind in kinds],
+        *[(f"log10_{kind}_half_bytes", 2.0, 9.0, 6.0) for kind in kinds],
+        *[(f"log10_{kind}_floor_s", -7.0, -3.0, -5.5) for kind in kinds],
+    ]
 
 
-def device_with(base: Device, x: np.ndarray, provenance: str, fit: dict | None = None) -> Device:
-    values = dict(zip([p[0] for p in DEVICE_PARAMS], map(float, x), strict=True))
+DEVICE_PARAMS = device_params()
+
+
+def device_with(base: Device, x: np.ndarray, provenance: str, fit: dict | None = None,
+                kinds: tuple[str, ...] = KERNEL_KINDS) -> Device:
+    names = [p[0] for p in device_params(kinds)]
+    values = dict(zip(names, map(float, x), strict=True))
     efficiency = DeviceEfficiency(
         compute=base.efficiency.compute,
         memory=base.efficiency.memory,
@@ -66,7 +74,7 @@ def device_with(base: Device, x: np.ndarray, provenance: str, fit: dict | None =
         kernels={kind: KernelEfficiency(bandwidth=values[f"{kind}_bandwidth"],
                                         half_size=10 ** values[f"log10_{kind}_half_bytes"],
                                         floor=10 ** values[f"log10_{kind}_floor_s"])
-                 for kind in KERNEL_KINDS},
+                 for kind in kinds},
         provenance=provenance,
         fit=fit,
     )
@@ -106,6 +114,29 @@ def fit_device(base: Device, frame: pd.DataFrame) -> tuple[Device, dict[str, Any
         "residuals": _residual_stats(result.fun),
     }
     return device_with(base, result.x, "fitted", info), info
+
+
+def fit_device_to_ops(base: Device, ops: list[Op], measured_s: np.ndarray,
+                      kinds: tuple[str, ...] = KERNEL_KINDS) -> tuple[Device, dict[str, Any]]:
+    """Efficiencies of ``base`` fitted so that ``cost_op(ops[i]).time_s`` matches ``measured_s[i]``.
+
+    An op may carry arrays (one value per measured size); ``measured_s[i]`` then has that shape.
+    """
+    measured = np.log(np.concatenate([np.atleast_1d(m) for m in measured_s]))
+    params = device_params(kinds)
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        device = device_with(base, x, "fitting", kinds=kinds)
+        predicted = np.concatenate([np.atleast_1d(cost_op(op, device).time_s) for op in ops])
+        return np.log(predicted) - measured
+
+    result = _robust_fit(residuals, params)
+    info = {
+        "method": "scipy least_squares, soft-L1 loss on log(predicted/measured)",
+        "parameters": dict(zip([p[0] for p in params], map(float, result.x), strict=True)),
+        "residuals": _residual_stats(result.fun),
+    }
+    return device_with(base, result.x, "fitted", info, kinds), info
 
 
 # --- systems ------------------------------------------------------------------------------

@@ -77,6 +77,8 @@ def collective_time_s(system: System, collective: str, size_bytes: np.ndarray | 
                       workers: int, per_node: int | None = None) -> np.ndarray:
     """Time of one collective of ``size_bytes`` per device among ``workers`` devices."""
     n = np.asarray(size_bytes, dtype=float)
+    if workers == 1:
+        return np.zeros_like(n)
     per_node = min(workers, system.devices_per_node) if per_node is None else per_node
     intra, inter = _links(system, workers, per_node)
     spec = system.collectives

@@ -78,6 +78,16 @@ def op_power_w(device: Device, flops: Quantity, nbytes: Quantity, peak_flops: fl
     return np.minimum(power.max, power.idle + compute_w + memory_w)
 
 
+def _memory_s(op: Op, device: Device, nbytes: Quantity, kind: str | None = None) -> tuple[Quantity, float]:
+    """Memory time and floor of an op: its kind's kernel entry, or the device's memory curve."""
+    eff = device.efficiency
+    kernel = eff.kernels.get(kind or op.kind)
+    bandwidth = device.main_memory.bandwidth
+    if kernel is None:
+        return nbytes / (bandwidth * np.maximum(eff.memory.at(nbytes), 1e-12)), 0.0
+    return (nbytes + kernel.half_size) / (bandwidth * kernel.bandwidth), kernel.floor
+
+
 def cost_op(op: Op, device: Device) -> OpCost:
     eff = device.efficiency
     peak = _peak(device, op)
@@ -86,15 +96,17 @@ def cost_op(op: Op, device: Device) -> OpCost:
         m, n, k = op.shape
         compute_s = gemm_compute_s(m, n, k, peak, device, eff.gemm, bytes_per_value(op.dtype))
     else:
-        compute_s = op.flops / (peak * eff.compute.at(op.flops))
-    kernel = eff.kernels.get(op.kind)
-    bandwidth = device.main_memory.bandwidth
-    if kernel is None:
-        memory_s = nbytes / (bandwidth * np.maximum(eff.memory.at(nbytes), 1e-12))
-        floor = 0.0
-    else:
-        memory_s = (nbytes + kernel.half_size) / (bandwidth * kernel.bandwidth)
-        floor = kernel.floor
+        compute_s = op.flops / (peak * np.maximum(eff.compute.at(op.flops), 1e-12))
+    memory_s, floor = _memory_s(op, device, nbytes)
+    if op.kind == "gemm" and "gemv" in eff.kernels and op.shape is not None:
+        # Matrix-vector products (one row) run a different kernel than GEMMs (no packing, no tiles).
+        gemv_s, gemv_floor = _memory_s(op, device, nbytes, "gemv")
+        one_row = np.asarray(op.shape[0]) <= 1
+        memory_s = np.where(one_row, gemv_s, memory_s)
+        floor = np.where(one_row, gemv_floor, floor)
+        compute_s = np.where(one_row, op.flops / peak, compute_s)
+        if not np.ndim(memory_s):
+            memory_s, floor, compute_s = float(memory_s), float(floor), float(compute_s)
     busy_s = np.maximum(np.maximum(compute_s, memory_s), floor)
     time_s = busy_s + eff.kernel_overhead
     energy = op_power_w(device, op.flops, nbytes, peak, time_s) * time_s

@@ -94,7 +94,7 @@ class EfficiencyCurve(Spec):
         sizes = [size for size, _ in self.points]
         if not sizes:
             raise ValueError("an efficiency curve needs at least one [size, fraction] point")
-        if any(size <= 0 for size in sizes) or any(a >= b for a, b in zip(sizes, sizes[1:])):
+        if any(size <= 0 for size in sizes) or any(a >= b for a, b in zip(sizes, sizes[1:], strict=False)):
             raise ValueError("curve sizes must be positive and strictly increasing")
         return self
 

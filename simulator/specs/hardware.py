@@ -67,7 +67,7 @@ class GemmTiling(Spec):
     splitting ``k`` into ``split`` slices); tiles run in waves of one tile per
     compute unit, and the last, partial wave costs a full one. A tile's time is
     the larger of its math at ``efficiency`` of one unit's share of the peak and
-    its operand traffic (``(tm + tn) * k`` values) at one unit's share of the
+    its operand traffic (``(tm + tn) * k / split`` values) at one unit's share of the
     cache bandwidth, plus a fixed ``tile_overhead``. The fastest tiling wins,
     as a library's heuristic would pick.
     """
@@ -80,6 +80,11 @@ class GemmTiling(Spec):
     """Fixed time per tile beyond its main loop: pipeline fill and writing the output tile."""
     operand_bandwidth: Bandwidth | None = None
     """Aggregate rate at which the cache feeds tiles their operands (L2 to SMs); none: unlimited."""
+
+
+KernelKind = Literal["gemm", "gemv", "attention", "elementwise", "norm", "rope", "activation",
+                     "embedding", "sampling"]
+"""The op kinds of ``simulator.graph.ops.OpKind``, plus ``gemv`` for one-row GEMMs."""
 
 
 class KernelEfficiency(Spec):
@@ -101,16 +106,16 @@ class DeviceEfficiency(Spec):
     ``compute`` is a curve over an op's FLOPs, ``memory`` over its bytes;
     either may be a single constant. ``gemm`` switches GEMMs to the tile and
     wave model. ``kernels`` replaces the ``memory`` curve for the kinds of
-    kernel it names (gemm, norm, rope, activation, embedding, elementwise,
-    attention): properties of the kernel library on this device, not of any
-    model.
+    kernel it names (gemm, gemv for one-row GEMMs, norm, rope, activation,
+    embedding, elementwise, attention, sampling): properties of the kernel
+    library on this device, not of any model.
     """
 
     compute: Efficiency = EfficiencyCurve(points=((1.0, 0.7),))
     memory: Efficiency = EfficiencyCurve(points=((1.0, 0.8),))
     kernel_overhead: Seconds = 5e-6
     gemm: GemmTiling | None = None
-    kernels: dict[str, KernelEfficiency] = {}
+    kernels: dict[KernelKind, KernelEfficiency] = {}
     provenance: str = "default: round numbers, not fitted to any measurement"
     fit: dict[str, Any] | None = None
     """How fitted values were obtained: source files, method, residuals."""

@@ -2,9 +2,9 @@
 
 One shard of a TP group holds ``1/tp`` of the attention heads (KV heads too,
 replicated when there are fewer KV heads than shards), ``1/tp`` of the FFN
-width and of every expert; hidden size, vocabulary rows per shard aside, stay
-whole. The per-shard model is an ordinary ``ModelSpec``, so the op graph and
-costs apply unchanged.
+width and of every expert; the hidden size and the vocabulary stay whole
+(the embedding and LM head are not sharded here). The per-shard model is an
+ordinary ``ModelSpec``, so the op graph and costs apply unchanged.
 """
 
 from __future__ import annotations

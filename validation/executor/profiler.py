@@ -5,8 +5,10 @@ name of the simulator op it stands for (``qkv_proj``, ``attention``, ...). Then
 
     dispatch_s = step_wall_s - sum(kernel_s)
 
-is the time outside the math: Python control flow, views and reshapes, and the
-timer itself (two ``perf_counter`` calls, ~0.1 us, per kernel). On an
+is the time outside the math: Python control flow, views and reshapes, freeing
+the step's temporaries (large numpy buffers are unmapped when their last
+reference goes), and the timer itself (two ``perf_counter`` calls, ~0.1 us, per
+kernel). On an
 asynchronous device ``sync`` (e.g. ``torch.cuda.synchronize``) runs inside each
 timed region so the kernel's own time is counted, which also removes the
 overlap of launch and execution that an untimed run would have.

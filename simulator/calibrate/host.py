@@ -1,0 +1,534 @@
+"""Calibrate the host CPU as a device: microbenchmarks in, a hardware YAML out.
+
+    infersim calibrate --out hardware_specs/local/NAME.yaml [--quick]
+
+Microbenchmarks only (end-to-end executor runs stay held out for validation):
+
+- GEMMs (numpy float32 matmul, the executor's projections) over skinny and
+  square shapes, with the weights rotated through copies larger than the last
+  level cache so that decode-sized GEMMs stream from DRAM as they do in a
+  model too big for the cache;
+- memory streams (``a + b -> c``) from cache-resident sizes to DRAM;
+- every other kernel of the numpy executor (norm, RoPE, activation,
+  embedding gather, residual add, KV-cache write, attention, sampling) at
+  several token counts, timed through the executor's own functions;
+- the fixed cost of one numpy call, and the executor's time between kernels
+  (Python control flow) per kernel, on a two-layer calibration shape;
+- cold reads from disk with the page cache dropped (``posix_fadvise``);
+- copies between two processes through shared memory.
+
+The device parameters are then fitted exactly as for a GPU
+(``simulator.calibrate.operators.fit_device_to_ops``): each microbenchmark is
+an ``Op`` built by the simulator's own op graph, and the fit makes the cost
+model reproduce its time. The YAML records the machine, the command, the raw
+points and the residuals.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from simulator.graph.ops import Op
+from simulator.graph.transformer import Precision, StepShape, build_step
+from simulator.specs.hardware import Device
+from simulator.specs.model import ModelSpec
+
+HOST_KINDS = ("gemm", "gemv", "norm", "rope", "activation", "embedding", "elementwise", "attention",
+              "sampling")
+FP32 = Precision(weight="fp32", kv="fp32", act="fp32", compute="fp32")
+# A calibration shape: its op sizes span those of the shipped executor models.
+CALIBRATION_MODEL = ModelSpec(
+    name="calibration", architecture="LlamaForCausalLM", num_layers=1, hidden_size=1024,
+    num_attention_heads=16, num_kv_heads=8, head_dim=64, ffn={"intermediate_size": 2816},
+    vocab_size=32000,
+)
+
+
+# --- the machine ----------------------------------------------------------------------
+
+def _cpuinfo() -> dict[str, str]:
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if ":" in line:
+                key, value = (part.strip() for part in line.split(":", 1))
+                info.setdefault(key, value)
+    except OSError:
+        pass
+    return info
+
+
+def _cache_bytes(level: str) -> int | None:
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in sorted(base.glob("index*")) if base.is_dir() else []:
+        try:
+            data_cache = (index / "type").read_text().strip() != "Instruction"
+            if (index / "level").read_text().strip() == level and data_cache:
+                text = (index / "size").read_text().strip()
+                units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+                return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+@dataclass(frozen=True)
+class Machine:
+    cpu: str
+    cores: int
+    clock_hz: float
+    flags: frozenset[str]
+    memory_bytes: int
+    l2_bytes: int | None
+    l3_bytes: int | None
+    numpy: str
+    blas: str
+
+    @property
+    def flops_per_cycle_fp32(self) -> int:
+        """Per core: two FMA pipes of 8 (AVX2) or 16 (AVX-512) lanes, two FLOPs each."""
+        if "avx512f" in self.flags:
+            return 64
+        if "avx2" in self.flags and "fma" in self.flags:
+            return 32
+        return 8
+
+    @property
+    def peak_fp32(self) -> float:
+        return self.cores * self.clock_hz * self.flops_per_cycle_fp32
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "cpu": self.cpu, "cores": self.cores, "clock_ghz": round(self.clock_hz / 1e9, 3),
+            "vector": "avx512" if "avx512f" in self.flags else "avx2" if "avx2" in self.flags else "sse",
+            "memory_gib": round(self.memory_bytes / 2**30, 1),
+            "l2_bytes": self.l2_bytes, "l3_bytes": self.l3_bytes,
+            "numpy": self.numpy, "blas": self.blas, "python": platform.python_version(),
+        }
+
+
+def machine() -> Machine:
+    info = _cpuinfo()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        memory = 0
+    blas = "unknown"
+    try:
+        config = np.show_config(mode="dicts")  # type: ignore[call-arg]
+        blas_info = config["Build Dependencies"]["blas"]
+        blas = f"{blas_info.get('name')} {blas_info.get('version')}"
+    except Exception:  # noqa: BLE001 - numpy versions differ in what they report
+        pass
+    return Machine(
+        cpu=info.get("model name", platform.processor() or "unknown"),
+        cores=cores,
+        clock_hz=float(info.get("cpu MHz", "2000")) * 1e6,
+        flags=frozenset(info.get("flags", "").split()),
+        memory_bytes=memory,
+        l2_bytes=_cache_bytes("2"),
+        l3_bytes=_cache_bytes("3"),
+        numpy=np.__version__,
+        blas=blas,
+    )
+
+
+# --- timing ---------------------------------------------------------------------------
+
+def median_time(fn: Callable[[], object], min_repeats: int = 5, min_seconds: float = 0.05,
+                rounds: int = 2) -> float:
+    """Wall time of ``fn``: the smallest of ``rounds`` medians, each over enough repeats to fill
+    ``min_seconds`` after a warm-up call.
+
+    On a shared machine another process can stall a whole round (OpenBLAS threads wait on a
+    busy core); taking the better of two medians keeps one such round out of the fit.
+    """
+    best = float("inf")
+    for _ in range(rounds):
+        fn()
+        times: list[float] = []
+        deadline = time.perf_counter() + min_seconds
+        while len(times) < min_repeats or time.perf_counter() < deadline:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+            if len(times) > 2000:
+                break
+        best = min(best, statistics.median(times))
+    return best
+
+
+@dataclass
+class Points:
+    """Microbenchmark points: the simulator ops they stand for and their measured times."""
+
+    ops: list[Op] = field(default_factory=list)
+    measured_s: list[float] = field(default_factory=list)
+    raw: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, op: Op, seconds: float, **raw: Any) -> None:
+        self.ops.append(op)
+        self.measured_s.append(seconds)
+        self.raw.append({"op": op.name, "kind": op.kind, "seconds": seconds, **raw})
+
+
+def _ops_at(tokens: int, phase: str = "decode", context: int = 1, new: int = 1) -> dict[str, Op]:
+    if phase == "decode":
+        step = StepShape("decode", tokens, 1, float(context))
+    else:
+        step = StepShape("prefill", 1, new, float(new))
+    return {op.name: op for op in build_step(CALIBRATION_MODEL, step, FP32, attention="naive")}
+
+
+# --- microbenchmarks ------------------------------------------------------------------
+
+def bench_gemms(points: Points, host: Machine, quick: bool) -> None:
+    """Projections at many token counts; weights rotated through more than the last-level cache."""
+    from validation.executor.numpy_backend import NumpyBackend
+
+    backend = NumpyBackend()
+    rng = np.random.default_rng(0)
+    m_values = [1, 4, 16, 64, 256, 1024] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+    cache = host.l3_bytes or 32 * 2**20
+    for name in ("qkv_proj", "o_proj", "mlp_up_proj", "mlp_down_proj"):
+        _, n, k = _ops_at(1)[name].shape  # type: ignore[misc]
+        n, k = int(n), int(k)
+        copies = max(2, int(np.ceil(4 * cache / (n * k * 4))))
+        weights = [rng.standard_normal((k, n), dtype=np.float32) * 0.02 for _ in range(copies)]
+        for m in m_values:
+            x = rng.standard_normal((m, k), dtype=np.float32)
+            turn = iter(range(10**9))
+            seconds = median_time(lambda: backend.linear(x, weights[next(turn) % copies], None),
+                                  min_seconds=0.02 if quick else 0.05)
+            points.add(_ops_at(m)[name], seconds, m=m, n=n, k=k)
+
+
+def bench_kernels(points: Points, quick: bool) -> None:
+    """Every non-GEMM kernel of the numpy executor, through its own functions."""
+    from validation.executor.numpy_backend import NumpyBackend
+
+    backend = NumpyBackend()
+    rng = np.random.default_rng(1)
+    model = CALIBRATION_MODEL
+    h, heads, kv, d = model.hidden_size, model.num_attention_heads, model.kv_heads, model.head_size
+    inter = model.ffn.intermediate_size
+    table = rng.standard_normal((model.vocab_size, h), dtype=np.float32)
+    norm_w = np.ones(h, np.float32)
+    budget = 0.01 if quick else 0.03
+    for tokens in ([1, 16, 256, 2048] if quick else [1, 4, 16, 64, 256, 1024, 4096]):
+        ops = _ops_at(tokens)
+        x = rng.standard_normal((tokens, h), dtype=np.float32)
+        y = rng.standard_normal((tokens, h), dtype=np.float32)
+        up = rng.standard_normal((tokens, 2 * inter), dtype=np.float32)
+        ids = rng.integers(0, model.vocab_size, tokens)
+        qkv = rng.standard_normal((tokens, (heads + 2 * kv) * d), dtype=np.float32)
+        q, k, v = backend.split_heads(qkv, tokens, heads, kv, d)
+        cos, sin = backend.rope_tables(8, d, 10000.0)
+        cos, sin = cos[:1], sin[:1]
+        cache_k = np.zeros((tokens, kv, 8, d), np.float32)
+        cache_v = np.zeros_like(cache_k)
+        logits = rng.standard_normal((tokens, model.vocab_size), dtype=np.float32)
+        timed = {
+            "input_norm": lambda: backend.rmsnorm(x, norm_w, 1e-5),
+            "rope": lambda: backend.rope(q, k, cos, sin),
+            "kv_cache_write": lambda: backend.write_cache(cache_k, cache_v, k, v, 3),
+            "mlp_act": lambda: backend.activation(up, "silu", True),
+            "residual_add": lambda: backend.add_(x, y),
+            "embedding": lambda: backend.embedding(table, ids),
+            "sampling": lambda: backend.argmax(logits),
+        }
+        for name, fn in timed.items():
+            points.add(ops[name], median_time(fn, min_seconds=budget), tokens=tokens)
+    # Attention: decode over growing contexts, and prefill (one sequence of n tokens).
+    for batch, context in ([(1, 256), (8, 1024), (1, 4096)] if quick else
+                           [(1, 64), (1, 512), (1, 4096), (8, 256), (8, 2048), (32, 1024)]):
+        q = rng.standard_normal((batch, kv, heads // kv, 1, d), dtype=np.float32)
+        keys = rng.standard_normal((batch, kv, context, d), dtype=np.float32)
+        values = rng.standard_normal((batch, kv, context, d), dtype=np.float32)
+        seconds = median_time(lambda: backend.attention(q, keys, values, context - 1, 0, None),
+                              min_seconds=budget)
+        points.add(_ops_at(batch, context=context)["attention"], seconds, batch=batch, context=context)
+    for new in [64, 512] if quick else [32, 128, 512, 1024, 2048]:
+        q = rng.standard_normal((1, kv, heads // kv, new, d), dtype=np.float32)
+        keys = rng.standard_normal((1, kv, new, d), dtype=np.float32)
+        seconds = median_time(lambda: backend.attention(q, keys, keys, 0, 0, None), min_seconds=budget)
+        points.add(_ops_at(1, phase="prefill", new=new)["attention"], seconds, prefill_tokens=new)
+
+
+def bench_stream(host: Machine, quick: bool) -> list[dict[str, float]]:
+    """``c = a + b`` (two reads, one write) from cache-resident sizes to DRAM."""
+    rows = []
+    sizes = [2**k for k in range(12, 29, 2 if quick else 1)]
+    for size in sizes:
+        n = size // 4
+        a, b, c = (np.ones(n, np.float32) for _ in range(3))
+        seconds = median_time(lambda: np.add(a, b, out=c), min_seconds=0.02)
+        rows.append({"bytes": 3 * size, "seconds": seconds, "bandwidth": 3 * size / seconds})
+    return rows
+
+
+def bench_executor_dispatch() -> dict[str, float]:
+    """Time the executor spends between kernels (Python control flow, views), per kernel.
+
+    Measured on the calibration shape cut to two layers (not a validation model):
+    ``(step wall time - time inside kernels) / kernels``, decode steps.
+    """
+    from validation.executor.harness import execute
+
+    probe = CALIBRATION_MODEL.model_copy(update={"num_layers": 2, "vocab_size": 1024})
+    result = execute(probe, batch=1, input_len=16, output_len=17, repeats=5).to_dict()
+    dispatch = result["dispatch_s_per_step"]["decode"]
+    kernels = result["kernels_per_step"]["decode"]
+    return {"dispatch_s_per_step": dispatch, "kernels_per_step": kernels,
+            "dispatch_s_per_kernel": dispatch / kernels}
+
+
+def bench_dispatch() -> float:
+    """The fixed cost of one numpy call on a one-element array: Python and numpy dispatch."""
+    a, b = np.ones(1, np.float32), np.empty(1, np.float32)
+    return median_time(lambda: np.add(a, a, out=b), min_repeats=2000, min_seconds=0.05)
+
+
+def bench_disk(folder: Path, quick: bool) -> dict[str, Any]:
+    """Sequential cold reads (page cache dropped with posix_fadvise) at several read sizes."""
+    size = (64 if quick else 256) * 2**20
+    path = folder / "infersim-disk-probe.bin"
+    block = np.random.default_rng(2).integers(0, 255, 2**20, dtype=np.uint8).tobytes()
+    with open(path, "wb") as handle:
+        for _ in range(size // len(block)):
+            handle.write(block)
+        handle.flush()
+        os.fsync(handle.fileno())
+    results: dict[str, Any] = {"file_bytes": size, "page_cache": "dropped with posix_fadvise(DONTNEED)"}
+    try:
+        for read_size in (64 * 2**10, 2**20, 16 * 2**20):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                start = time.perf_counter()
+                while os.read(fd, read_size):
+                    pass
+                seconds = time.perf_counter() - start
+            finally:
+                os.close(fd)
+            results[f"read_{read_size}"] = {"seconds": seconds, "bandwidth": size / seconds}
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            start = time.perf_counter()
+            os.pread(fd, 4096, size // 2)
+            results["latency_4k_s"] = time.perf_counter() - start
+        finally:
+            os.close(fd)
+    finally:
+        path.unlink(missing_ok=True)
+    return results
+
+
+def _shm_child(name: str, nbytes: int, ready, done, rounds: int) -> None:  # pragma: no cover - subprocess
+    shm = shared_memory.SharedMemory(name=name)
+    try:
+        source = np.ndarray((nbytes,), np.uint8, buffer=shm.buf)
+        local = np.empty(nbytes, np.uint8)
+        for _ in range(rounds):
+            ready.wait()
+            ready.clear()
+            np.copyto(local, source)
+            done.set()
+    finally:
+        del source
+        shm.close()
+
+
+def bench_shared_memory(quick: bool) -> list[dict[str, float]]:
+    """A second process copies a buffer out of shared memory: handshake latency plus bytes/bandwidth."""
+    rows = []
+    context = mp.get_context("spawn")
+    rounds = 5 if quick else 11
+    for nbytes in ([4096, 2**20, 64 * 2**20] if quick else [4096, 2**16, 2**20, 16 * 2**20, 256 * 2**20]):
+        shm = shared_memory.SharedMemory(create=True, size=nbytes)
+        ready, done = context.Event(), context.Event()
+        child = context.Process(target=_shm_child, args=(shm.name, nbytes, ready, done, rounds))
+        child.start()
+        try:
+            times = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                ready.set()
+                done.wait()
+                done.clear()
+                times.append(time.perf_counter() - start)
+            child.join(timeout=30)
+        finally:
+            if child.is_alive():
+                child.terminate()
+            shm.close()
+            shm.unlink()
+        rows.append({"bytes": nbytes, "seconds": statistics.median(times[1:])})
+    return rows
+
+
+# --- putting it together ------------------------------------------------------------------
+
+def _alpha_beta(rows: list[dict[str, float]]) -> tuple[float, float]:
+    """Least-squares ``t = alpha + bytes / beta``."""
+    sizes = np.array([r["bytes"] for r in rows], float)
+    seconds = np.array([r["seconds"] for r in rows], float)
+    slope, intercept = np.polyfit(sizes, seconds, 1)
+    return max(float(intercept), 1e-7), 1.0 / max(float(slope), 1e-15)
+
+
+def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
+              scratch: Path | None = None) -> tuple[dict[str, Any], Device]:
+    """Run every microbenchmark and fit; returns the YAML document and the fitted device."""
+    from simulator.calibrate.operators import fit_device_to_ops
+
+    host = machine()
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+    progress(f"calibrating {host.cpu}, {host.cores} cores ({'quick' if quick else 'full'})")
+    progress("memory streams")
+    stream = bench_stream(host, quick)
+    dram = max(r["bandwidth"] for r in stream if r["bytes"] >= 4 * (host.l3_bytes or 32 * 2**20))
+    progress("dispatch cost")
+    dispatch = bench_dispatch()
+    executor_dispatch = bench_executor_dispatch()
+    progress("GEMMs")
+    points = Points()
+    bench_gemms(points, host, quick)
+    progress("executor kernels")
+    bench_kernels(points, quick)
+    progress("disk and shared memory")
+    disk = bench_disk(Path(scratch or tempfile.gettempdir()), quick)
+    shm_rows = bench_shared_memory(quick)
+    shm_latency, shm_bandwidth = _alpha_beta(shm_rows)
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+
+    base = {
+        "kind": "device", "name": name, "vendor": "host", "type": "cpu",
+        "compute": {"fp32": host.peak_fp32, "fp64": host.peak_fp32 / 2},
+        "memory": [{"name": "dram", "capacity": float(host.memory_bytes), "bandwidth": dram,
+                    "latency": 100e-9}],
+        "cache": float(host.l3_bytes) if host.l3_bytes else None,
+        "compute_units": host.cores,
+        "clock": host.clock_hz,
+        "power": {"idle": 0.0, "max": 1.0, "provenance": "not measured: placeholder power range"},
+    }
+    device = Device.model_validate(base)
+    progress(f"fitting {len(points.ops)} points")
+    fitted, info = fit_device_to_ops(device, points.ops, np.array(points.measured_s), HOST_KINDS)
+    # Microbenchmarks time kernels alone; in a model the executor also spends time between them.
+    overhead = fitted.efficiency.kernel_overhead + executor_dispatch["dispatch_s_per_kernel"]
+    fitted = fitted.model_copy(update={"efficiency": fitted.efficiency.model_copy(
+        update={"kernel_overhead": overhead})})
+
+    command = "infersim calibrate --out OUT" + (" --quick" if quick else "")
+    info = {**info, "executor_dispatch": executor_dispatch}
+    document = _yaml_document(fitted, info, host, command, quick, stream, dram, dispatch, disk,
+                              shm_rows, shm_latency, shm_bandwidth, points, load_before, load_after)
+    return document, fitted
+
+
+def _yaml_document(fitted: Device, info: dict[str, Any], host: Machine, command: str, quick: bool,
+                   stream: list[dict[str, float]], dram: float, dispatch: float, disk: dict[str, Any],
+                   shm_rows: list[dict[str, float]], shm_latency: float, shm_bandwidth: float,
+                   points: Points, load_before: tuple[float, ...], load_after: tuple[float, ...],
+                   ) -> dict[str, Any]:
+    from simulator.calibrate.operators import _round
+
+    eff = fitted.efficiency
+    assert eff.gemm is not None
+    gb = 1e9
+    return {
+        "kind": "device",
+        "name": fitted.name,
+        "vendor": "host",
+        "type": "cpu",
+        "compute": {
+            "fp32": f"{fitted.compute['fp32'] / 1e9:.4g} GFLOPS",
+            "fp64": f"{fitted.compute['fp64'] / 1e9:.4g} GFLOPS",
+        },
+        "memory": [{
+            "name": "dram",
+            "capacity": f"{host.memory_bytes / 2**30:.4g} GiB",
+            "bandwidth": f"{dram / gb:.4g} GB/s",
+            "latency": "100 ns",
+        }],
+        "cache": f"{(host.l3_bytes or 0) / 2**20:.4g} MiB",
+        "compute_units": host.cores,
+        "clock": f"{host.clock_hz / 1e9:.4g} GHz",
+        "power": {"idle": "0 W", "max": "1 W",
+                  "provenance": "not measured: a placeholder range; this host's energy numbers mean nothing"},
+        "efficiency": {
+            "compute": 0.7,
+            "memory": 0.8,
+            "kernel_overhead": f"{eff.kernel_overhead * 1e6:.4g} us",
+            "gemm": {
+                "tiles": [list(t) for t in eff.gemm.tiles],
+                "split_k": list(eff.gemm.split_k),
+                "efficiency": round(eff.gemm.efficiency, 4),
+                "operand_bandwidth": f"{(eff.gemm.operand_bandwidth or 0) / gb:.4g} GB/s",
+                "tile_overhead": f"{eff.gemm.tile_overhead * 1e6:.4g} us",
+            },
+            "kernels": {
+                kind: {"bandwidth": round(k.bandwidth, 4), "half_size": f"{k.half_size / 1e6:.4g} MB",
+                       "floor": f"{k.floor * 1e6:.4g} us"}
+                for kind, k in eff.kernels.items()
+            },
+            "provenance": "fitted to this machine's microbenchmarks (see fit)",
+            "fit": _round({
+                **info,
+                "command": command,
+                "date": dt.datetime.now().isoformat(timespec="seconds"),
+                "machine": host.describe(),
+                "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+                "peak_fp32": "cores x clock x FLOPs per cycle from /proc/cpuinfo (not measured)",
+                "dram_bandwidth": "best c = a + b rate at sizes of at least 4x the last-level cache",
+                "dispatch_s_per_numpy_call": dispatch,
+                "stream": stream,
+                "disk": disk,
+                "shared_memory": {"rows": shm_rows, "latency_s": shm_latency,
+                                  "bandwidth_bytes_per_s": shm_bandwidth},
+                "points": points.raw,
+            }),
+        },
+    }
+
+
+def write_yaml(document: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = (
+        "# Host CPU calibrated by `infersim calibrate`: microbenchmarks only (GEMMs, memory\n"
+        "# streams, the numpy executor's kernels, dispatch, disk, shared memory).\n"
+        "# Raw points, fit residuals and the machine are under efficiency.fit.\n"
+    )
+    out.write_text(header + yaml.safe_dump(document, sort_keys=False, width=110))
+
+
+def main_calibrate(out: Path, quick: bool, name: str | None = None) -> int:
+    from simulator.specs.loader import load_device
+
+    document, _ = calibrate(name or out.stem, quick, progress=lambda msg: print(msg, file=sys.stderr))
+    write_yaml(document, out)
+    load_device(out)  # what was written must load as a spec
+    residuals = document["efficiency"]["fit"]["residuals"]
+    print(f"wrote {out}: fit median error {residuals['median_abs_rel_error']:.1%}, "
+          f"p90 {residuals['p90_abs_rel_error']:.1%} over {residuals['rows']} microbenchmarks")
+    return 0

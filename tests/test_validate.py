@@ -1,0 +1,56 @@
+"""The executor validation path: suites, predicted-vs-measured, thresholds, bad input."""
+
+import pandas as pd
+import pytest
+
+from simulator.cli import main
+from validation.compare import predict, summarize
+from validation.measure import suite
+
+
+def test_suites_cover_the_promised_grid():
+    quick, full = suite("quick"), suite("full")
+    assert 10 <= len(quick) <= 14
+    assert len(full) >= 60
+    assert {c.model for c in full} >= {"tiny-dense-58m", "tiny-moe-140m", "small-dense-250m"}
+    assert min(c.batch for c in full) == 1 and max(c.batch for c in full) == 32
+    assert min(c.input_len for c in full) == 128 and max(c.input_len for c in full) == 4096
+
+
+def synthetic_measurements(tmp_path, scale=1.0):
+    """Measurements that are the simulator's own predictions times ``scale``."""
+    cases = pd.DataFrame([
+        {"case": f"c{i}", "model": "tiny-dense-58m", "batch": b, "input_len": p, "output_len": 8,
+         "ttft_median_s": 1.0, "tpot_median_s": 1.0, "ttft_cv": 0.01, "tpot_cv": 0.02}
+        for i, (b, p) in enumerate([(1, 128), (4, 256), (16, 512)])
+    ])
+    predicted = predict(cases, "h100-sxm")
+    cases["ttft_median_s"] = predicted["ttft_pred_s"] * scale
+    cases["tpot_median_s"] = predicted["tpot_pred_s"] * scale
+    path = tmp_path / "m.csv"
+    cases.to_csv(path, index=False)
+    return path
+
+
+def test_a_perfect_prediction_has_zero_error(tmp_path):
+    frame = predict(pd.read_csv(synthetic_measurements(tmp_path)), "h100-sxm")
+    summary = summarize(frame)
+    assert summary["ttft"]["median_abs_error"] == pytest.approx(0, abs=1e-9)
+    assert summary["tpot"]["p90_abs_error"] == pytest.approx(0, abs=1e-9)
+
+
+def test_thresholds_set_the_exit_code(tmp_path, capsys):
+    slow = synthetic_measurements(tmp_path, scale=1.5)  # measured 50% slower than predicted
+    report = tmp_path / "report.md"
+    args = ["validate", "--measurements", str(slow), "--hardware", "h100-sxm", "--report", str(report)]
+    assert main([*args, "--max-median-error", "0.5"]) == 0
+    assert main([*args, "--max-median-error", "0.25"]) == 1
+    text = report.read_text()
+    assert "-33.3%" in text and "TTFT" in text
+
+
+def test_bad_measurements_file(tmp_path, capsys):
+    path = tmp_path / "bad.csv"
+    path.write_text("case,model\nx,tiny-dense-58m\n")
+    assert main(["validate", "--measurements", str(path), "--hardware", "h100-sxm"]) == 2
+    assert "missing columns" in capsys.readouterr().err

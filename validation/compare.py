@@ -1,0 +1,120 @@
+"""Predicted vs measured for executor runs: `infersim validate`.
+
+    infersim validate --measurements validation/measurements/FILE.csv \
+        --hardware hardware_specs/local/NAME.yaml [--max-median-error 0.10] [--max-p90-error 0.20] \
+        [--report docs/validation/NAME.md]
+
+Every measured case is predicted with ``simulator.estimate`` on the given
+hardware spec, with the executor's own settings (float32 weights, KV cache
+and activations; naive attention, which materialises the score matrix as the
+numpy executor does). Errors are ``predicted / measured - 1`` of TTFT and
+TPOT; the measurement noise (coefficient of variation over repeats) is shown
+beside each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from simulator.errors import InferSimError
+from simulator.estimate import estimate
+from simulator.specs.loader import load_system
+
+REQUIRED = ["case", "model", "batch", "input_len", "output_len", "ttft_median_s", "tpot_median_s"]
+EXECUTOR_SETTINGS = {"weight_dtype": "fp32", "kv_dtype": "fp32", "act_dtype": "fp32", "attention": "naive"}
+
+
+def read_measurements(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise InferSimError(f"{path}: cannot read measurements: {err}") from None
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        raise InferSimError(f"{path}: missing columns {', '.join(missing)}")
+    return frame
+
+
+def predict(frame: pd.DataFrame, hardware: str | Path) -> pd.DataFrame:
+    system = load_system(hardware)
+    rows = []
+    for row in frame.itertuples():
+        result = estimate(row.model, system, batch=int(row.batch), input_len=int(row.input_len),
+                          output_len=int(row.output_len), check_memory=False, **EXECUTOR_SETTINGS)
+        rows.append({"ttft_pred_s": result.ttft_s, "tpot_pred_s": result.tpot_s})
+    out = pd.concat([frame.reset_index(drop=True), pd.DataFrame(rows)], axis=1)
+    out["ttft_error"] = out["ttft_pred_s"] / out["ttft_median_s"] - 1.0
+    out["tpot_error"] = out["tpot_pred_s"] / out["tpot_median_s"] - 1.0
+    return out
+
+
+def summarize(frame: pd.DataFrame) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for metric in ("ttft", "tpot"):
+        errors = frame[f"{metric}_error"].abs()
+        noise = frame.get(f"{metric}_cv", pd.Series(dtype=float))
+        summary[metric] = {
+            "median_abs_error": float(errors.median()),
+            "p90_abs_error": float(errors.quantile(0.9)),
+            "median_noise_cv": float(noise.median()) if len(noise) else None,
+            "cases": int(errors.size),
+        }
+    return summary
+
+
+def report_markdown(frame: pd.DataFrame, summary: dict[str, Any], measurements: Path,
+                    hardware: str) -> str:
+    lines = [f"# Executor validation: `{measurements}` on `{hardware}`", "",
+             "| metric | median abs error | p90 abs error | median noise (CV) | cases |",
+             "|---|---|---|---|---|"]
+    for metric, s in summary.items():
+        noise = f"{s['median_noise_cv']:.1%}" if s["median_noise_cv"] is not None else "-"
+        lines.append(f"| {metric.upper()} | {s['median_abs_error']:.1%} | {s['p90_abs_error']:.1%} | "
+                     f"{noise} | {s['cases']} |")
+    lines += ["", "| case | TTFT measured | predicted | error | TPOT measured | predicted | error |",
+              "|---|---|---|---|---|---|---|"]
+    for row in frame.itertuples():
+        lines.append(
+            f"| {row.case} | {row.ttft_median_s * 1e3:.2f} ms | {row.ttft_pred_s * 1e3:.2f} ms | "
+            f"{row.ttft_error:+.1%} | {row.tpot_median_s * 1e3:.2f} ms | {row.tpot_pred_s * 1e3:.2f} ms | "
+            f"{row.tpot_error:+.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def validate(measurements: Path, hardware: str, max_median: float | None, max_p90: float | None,
+             report: Path | None) -> int:
+    frame = predict(read_measurements(measurements), hardware)
+    summary = summarize(frame)
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160) if not Console().is_terminal else Console()
+    table = Table(title=f"predicted vs measured: {measurements.name} on {Path(hardware).stem}")
+    for col in ("case", "TTFT meas", "pred", "err", "cv", "TPOT meas", "pred", "err", "cv"):
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for row in frame.itertuples():
+        table.add_row(row.case, f"{row.ttft_median_s * 1e3:.2f} ms", f"{row.ttft_pred_s * 1e3:.2f} ms",
+                      f"{row.ttft_error:+.1%}", f"{getattr(row, 'ttft_cv', np.nan):.1%}",
+                      f"{row.tpot_median_s * 1e3:.2f} ms", f"{row.tpot_pred_s * 1e3:.2f} ms",
+                      f"{row.tpot_error:+.1%}", f"{getattr(row, 'tpot_cv', np.nan):.1%}")
+    console.print(table)
+    failed = False
+    for metric, s in summary.items():
+        console.print(f"{metric.upper()}: median |error| {s['median_abs_error']:.1%}, "
+                      f"p90 {s['p90_abs_error']:.1%} over {s['cases']} cases "
+                      f"(median noise {s['median_noise_cv'] or 0:.1%})")
+        if max_median is not None and s["median_abs_error"] > max_median:
+            console.print(f"[red]{metric.upper()} median error exceeds {max_median:.0%}[/red]")
+            failed = True
+        if max_p90 is not None and s["p90_abs_error"] > max_p90:
+            console.print(f"[red]{metric.upper()} p90 error exceeds {max_p90:.0%}[/red]")
+            failed = True
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(report_markdown(frame, summary, measurements, hardware))
+        console.print(f"wrote {report}")
+    return 1 if failed else 0

@@ -1,0 +1,104 @@
+"""The ``infersim execute`` subcommand: run the reference executor and print its measurements.
+
+    infersim execute --model tiny-dense-58m --batch 4 --input-len 256 --output-len 32 \\
+        [--backend numpy|torch] [--device cpu|cuda] [--dtype float32] [--repeats 3] [--seed 0] [--json]
+
+``simulator/cli.py`` wires it in with ``add_execute_parser(sub)`` and maps
+``"execute"`` to ``cmd_execute``. Bad input raises ``InferSimError``, which the
+CLI prints as one line with exit code 2. The backend is checked by the
+executor (not by argparse ``choices``) so the error is an ``InferSimError`` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+DEFAULT_MODEL = "tiny-dense-58m"
+
+
+def add_execute_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``execute`` to an ``argparse`` subparsers object; returns the new parser."""
+    parser = subparsers.add_parser(
+        "execute", help="run the reference executor (a real small transformer) and measure it",
+        description="Run batched greedy generation with random weights on this machine and "
+                    "report TTFT, TPOT, throughput, peak memory and dispatch overhead "
+                    "(medians over repeats, after one warm-up).",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"shipped model name, or a YAML/config.json path (default {DEFAULT_MODEL})")
+    parser.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per sequence (default 128)")
+    parser.add_argument("--output-len", type=int, default=32,
+                        help="generated tokens per sequence, the first from prefill (default 32)")
+    parser.add_argument("--backend", default="numpy", help="numpy (default) or torch")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N] (torch only)")
+    parser.add_argument("--dtype", default="float32",
+                        help="float32 (default); float16 or bfloat16 with the torch backend")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations (default 3)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed generations first, the first also measures memory (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="weights and prompt seed (default 0)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def cmd_execute(args: argparse.Namespace) -> int:
+    from validation.executor.harness import execute
+
+    result = execute(
+        args.model, batch=args.batch, input_len=args.input_len, output_len=args.output_len,
+        backend=args.backend, device=args.device, dtype=args.dtype, repeats=args.repeats,
+        warmup=args.warmup, seed=args.seed,
+    )
+    report = result.to_dict()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_execution(report)
+    return 0
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f} ms"
+
+
+def _pct(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction * 100:.1f}%"
+
+
+def print_execution(report: dict[str, Any]) -> None:
+    """A rich table of the medians, noise and memory."""
+    from rich.console import Console
+    from rich.table import Table
+
+    machine = report["machine"]
+    title = (f"{report['model']} on {report['backend']}/{report['device']} {report['dtype']}: "
+             f"batch {report['batch']}, {report['input_len']} in, {report['output_len']} out "
+             f"({len(report['repeats'])} repeats)")
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("median", justify="right")
+    table.add_column("spread (max-min)/median", justify="right")
+    noise = report["noise"]
+    table.add_row("TTFT", _ms(report["ttft_s"]), _pct(noise["ttft_s"]))
+    table.add_row("TPOT", _ms(report["tpot_s"]), _pct(noise["tpot_s"]))
+    table.add_row("end to end", _ms(report["e2e_s"]), _pct(noise["e2e_s"]))
+    table.add_row("throughput", f"{report['throughput_tokens_per_s']:.1f} tok/s",
+                  _pct(noise["throughput_tokens_per_s"]))
+    for phase in ("prefill", "decode"):
+        kernels = report["kernels_per_step"][phase]
+        if kernels is None:
+            continue
+        table.add_row(f"{phase} dispatch / step", _ms(report["dispatch_s_per_step"][phase]), "")
+        table.add_row(f"{phase} kernels / step", f"{kernels:.0f}", "")
+    memory = report["memory"]
+    table.add_row("peak memory", f"{report['peak_memory_bytes'] / 2**20:.1f} MiB",
+                  f"weights {memory['weights_bytes'] / 2**20:.0f} + KV {memory['kv_cache_bytes'] / 2**20:.1f}"
+                  f" + act {memory['activations_peak_bytes'] / 2**20:.1f} MiB")
+    table.add_row("peak RSS", f"{memory['rss_peak_bytes'] / 2**20:.1f} MiB", "")
+    console = Console()
+    console.print(table)
+    console.print(f"{machine.get('cpu_model')}, {machine.get('usable_cores')} cores, "
+                  f"numpy {machine.get('numpy')}, BLAS {machine.get('blas', {}).get('name', '?')}")

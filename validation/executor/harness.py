@@ -1,0 +1,205 @@
+"""Run a greedy generation and measure it: step times, kernel times, peak memory.
+
+``execute`` builds the model from a seed, allocates the KV cache once
+(``B x (P + G - 1)`` positions, reused by every run, as a server preallocates
+it), runs one warm-up generation with memory tracking, then ``repeats`` timed
+generations without it.
+
+Peak memory = weights + KV cache + the activation high-water mark of the
+warm-up run. The activation peak is measured as
+
+* numpy: ``tracemalloc`` peak (numpy reports its buffers to it) — kept out of the
+  timed runs because it slows every allocation;
+* torch CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before;
+* torch CPU: growth of the resident set (``VmHWM - VmRSS`` before), coarser.
+
+``contention`` gives the load average before and after the timed runs and the
+share of CPU time the hypervisor stole during them: a noisy neighbour shows there.
+
+``rss_peak_bytes`` is the process's resident high-water mark over the warm-up
+(reset first where Linux allows), interpreter and libraries included.
+"""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+from time import perf_counter
+from typing import Any
+
+import numpy as np
+
+from simulator.errors import DoesNotFitError, InferSimError
+from simulator.specs.loader import load_model
+from simulator.specs.model import ModelSpec
+from validation.executor import machine
+from validation.executor.model import Backend, KVCache, Transformer
+from validation.executor.numpy_backend import NumpyBackend
+from validation.executor.results import (
+    ExecutionResult,
+    Generation,
+    MemoryRecord,
+    RepeatResult,
+    StepRecord,
+    op_breakdown,
+)
+from validation.executor.weights import check_supported, init_weights
+
+BACKENDS = ("numpy", "torch")
+
+
+def make_backend(name: str, device: str = "cpu", dtype: str = "float32") -> Backend:
+    """The named backend on ``device``; torch is imported only when asked for."""
+    if name == "numpy":
+        if device != "cpu":
+            raise InferSimError(f"the numpy backend runs on the CPU only (got device {device!r})")
+        return NumpyBackend(dtype)
+    if name == "torch":
+        from validation.executor.torch_backend import load_torch_backend
+
+        return load_torch_backend(device, dtype)
+    raise InferSimError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def prompt_tokens(vocab_size: int, batch: int, input_len: int, seed: int) -> np.ndarray:
+    """Random prompt ids ``[B, P]`` from ``seed + 1`` (the weights use ``seed``)."""
+    return np.random.default_rng(seed + 1).integers(0, vocab_size, size=(batch, input_len))
+
+
+def generate(runtime: Transformer, prompt: np.ndarray, output_len: int, cache: KVCache) -> Generation:
+    """Prefill the prompt, then ``output_len - 1`` greedy decode steps, timing each step."""
+    profiler, ops = runtime.profiler, runtime.ops
+    ids, start = prompt, 0
+    tokens, steps = [], []
+    with ops.context():
+        ops.synchronize()
+        begin = perf_counter()
+        for index in range(output_len):
+            profiler.reset()
+            step_start = perf_counter()
+            logits = runtime.forward(ids, start, cache)
+            next_ids = profiler("sampling", ops.argmax, logits)  # a host copy: waits for the device
+            wall = perf_counter() - step_start
+            steps.append(StepRecord(
+                phase="prefill" if index == 0 else "decode", wall_s=wall,
+                kernel_s=profiler.kernel_s, kernels=profiler.kernels,
+                ops={name: (total.count, total.time_s) for name, total in profiler.ops.items()},
+            ))
+            tokens.append(next_ids)
+            start += ids.shape[1]
+            ids = next_ids[:, None]
+        e2e = perf_counter() - begin
+    return Generation(np.stack(tokens, axis=1), steps, e2e)
+
+
+def _check_shape(spec: ModelSpec, batch: int, input_len: int, output_len: int, repeats: int) -> None:
+    for name, value in (("batch", batch), ("input_len", input_len), ("output_len", output_len),
+                        ("repeats", repeats)):
+        if value < 1:
+            raise InferSimError(f"{name} must be at least 1 (got {value})")
+    if spec.position_encoding == "learned" and input_len + output_len - 1 > spec.max_position_embeddings:
+        raise InferSimError(
+            f"input_len + output_len - 1 = {input_len + output_len - 1} exceeds the model's "
+            f"{spec.max_position_embeddings} learned positions"
+        )
+
+
+def estimate_bytes(spec: ModelSpec, batch: int, input_len: int, output_len: int, bytes_per: int) -> int:
+    """Rough footprint: weights + KV cache + prefill scores (``B H P^2``, float32) + 8 wide activations."""
+    cache = spec.kv_elements_per_token() * batch * (input_len + output_len - 1) * bytes_per
+    scores = batch * spec.num_attention_heads * input_len * input_len * 4
+    widest = max(spec.hidden_size, 2 * spec.ffn.intermediate_size,
+                 (spec.num_attention_heads + 2 * spec.kv_heads) * spec.head_size)
+    return spec.params() * bytes_per + cache + scores + 8 * batch * input_len * widest * 4
+
+
+def _check_fits(spec: ModelSpec, backend: Backend, batch: int, input_len: int, output_len: int) -> None:
+    bytes_per = 4 if backend.dtype == "float32" else 2
+    need = estimate_bytes(spec, batch, input_len, output_len, bytes_per)
+    if backend.device == "cpu":
+        have = machine.available_memory_bytes()
+    else:
+        import torch
+
+        have = torch.cuda.mem_get_info(torch.device(backend.device))[0]
+    if have is not None and need > have:
+        raise DoesNotFitError(
+            f"{spec.name} at batch {batch}, {input_len} + {output_len} tokens needs about "
+            f"{need / 2**30:.1f} GiB on {backend.device}, {(need - have) / 2**30:.1f} GiB more than "
+            f"the {have / 2**30:.1f} GiB available; lower the batch or input length",
+            required_bytes=need, capacity_bytes=have,
+        )
+
+
+def _measured_warmup(runtime: Transformer, prompt: np.ndarray, output_len: int,
+                     cache: KVCache) -> MemoryRecord:
+    backend = runtime.ops
+    cuda = backend.device.startswith("cuda")
+    machine.reset_peak_rss()
+    rss_before = machine.current_rss_bytes() or 0
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(backend.device)
+        allocated = torch.cuda.memory_allocated(backend.device)
+        generate(runtime, prompt, output_len, cache)
+        activations = torch.cuda.max_memory_allocated(backend.device) - allocated
+        method = "torch.cuda.max_memory_allocated"
+    elif backend.name == "numpy":
+        tracemalloc.start()
+        try:
+            generate(runtime, prompt, output_len, cache)
+            activations = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        method = "tracemalloc"
+    else:
+        generate(runtime, prompt, output_len, cache)
+        activations = max(machine.peak_rss_bytes() - rss_before, 0)
+        method = "rss growth"
+    return MemoryRecord(
+        weights_bytes=runtime.weight_bytes, kv_cache_bytes=cache.nbytes(),
+        activations_peak_bytes=int(activations), rss_peak_bytes=machine.peak_rss_bytes(),
+        method=f"weights + kv cache + activation peak ({method})",
+    )
+
+
+def execute(
+    model: str | ModelSpec,
+    batch: int = 1,
+    input_len: int = 128,
+    output_len: int = 32,
+    backend: str = "numpy",
+    device: str = "cpu",
+    dtype: str = "float32",
+    repeats: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+) -> ExecutionResult:
+    """Run ``warmup`` + ``repeats`` greedy generations of ``batch`` random prompts; medians and noise."""
+    spec = model if isinstance(model, ModelSpec) else load_model(model)
+    check_supported(spec)
+    _check_shape(spec, batch, input_len, output_len, repeats)
+    runtime_backend = make_backend(backend, device, dtype)
+    _check_fits(spec, runtime_backend, batch, input_len, output_len)
+    runtime = Transformer(spec, runtime_backend, init_weights(spec, seed))
+    prompt = prompt_tokens(spec.vocab_size, batch, input_len, seed)
+    cache = runtime.new_cache(batch, input_len + output_len - 1)
+    memory = _measured_warmup(runtime, prompt, output_len, cache)
+    for _ in range(warmup - 1):
+        generate(runtime, prompt, output_len, cache)
+    cpu_before, load_before = machine.cpu_times(), os.getloadavg()[0]
+    runs = [generate(runtime, prompt, output_len, cache) for _ in range(repeats)]
+    contention = machine.contention(cpu_before, load_before)
+    results = [RepeatResult.of(run) for run in runs]
+    # The per-op table of the repeat whose e2e is the median.
+    middle = sorted(range(len(runs)), key=lambda i: runs[i].e2e_s)[len(runs) // 2]
+    ops: dict[str, Any] = {"prefill": op_breakdown(runs[middle].steps[:1]),
+                           "decode": op_breakdown(runs[middle].decode_steps)}
+    return ExecutionResult(
+        model=spec.name, backend=runtime_backend.name, device=runtime_backend.device,
+        dtype=runtime_backend.dtype, batch=batch, input_len=input_len, output_len=output_len,
+        seed=seed, memory=memory, repeats=results, ops=ops,
+        output_tokens=[int(t) for t in runs[-1].tokens[0]], contention=contention,
+        machine=machine.machine_info(runtime_backend.name, runtime_backend.device),
+    )

@@ -1,0 +1,228 @@
+"""A decoder-only transformer read from a ModelSpec, written once over a backend's ops.
+
+One forward step over ``T`` new tokens of ``B`` sequences at positions
+``start .. start + T - 1`` (prefill: ``start = 0, T = P``; decode: ``T = 1``)::
+
+    x = E[ids] (+ P[pos])
+    per layer:
+        h = norm(x);  [q | k | v] = h W_qkv (+ b)          # GQA: H query, KV key/value heads
+        q, k = rope(q), rope(k)                            # rotate-half, theta 10000
+        cache[start : start + T] = k, v
+        x += softmax(q K^T / sqrt(d) + causal mask) V W_o
+        h = norm(x)
+        x += W_down act(h W_gate) * (h W_up)               # dense layer, or:
+        x += sum_{e in topk(h W_r)} g_e FFN_e(h) + FFN_shared(h)   # MoE layer
+    logits = norm(x[:, -1]) W_head
+
+Every numeric call goes through the profiler with the simulator's op name, so
+the executor's per-op times line up with ``simulator.graph.transformer``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from simulator.specs.model import ModelSpec
+from validation.executor.profiler import KernelProfiler
+from validation.executor.weights import (
+    LayerWeights,
+    MLPWeights,
+    ModelWeights,
+    MoEWeights,
+    NormWeights,
+    check_supported,
+)
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+NORM_EPS = 1e-5
+ROPE_THETA = 10000.0
+# ModelSpec activation -> the backend's kernel; gating follows ffn.gated (as the parameter count does).
+ACTIVATIONS = {
+    "silu": "silu", "swiglu": "silu", "gelu": "gelu", "geglu": "gelu", "gelu_new": "gelu_tanh",
+    "relu": "relu",
+}
+
+
+@dataclass
+class KVCache:
+    """Preallocated K and V per layer, each ``[B, KV, max_len, d]``."""
+
+    k: list[Any]
+    v: list[Any]
+    max_len: int
+
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) if hasattr(a, "nbytes") else a.numel() * a.element_size()
+                   for a in self.k + self.v)
+
+
+class Backend(Protocol):
+    """The ops a backend provides; ``NumpyBackend`` documents each one's equation."""
+
+    name: str
+    device: str
+    dtype: str
+    sync: Any
+
+    def context(self) -> contextlib.AbstractContextManager[Any]: ...
+    def from_numpy(self, array: np.ndarray) -> Any: ...
+    def to_numpy(self, x: Any) -> np.ndarray: ...
+    def new_cache(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int) -> KVCache: ...
+    def synchronize(self) -> None: ...
+    def embedding(self, table: Any, ids: np.ndarray) -> Any: ...
+    def add_positions(self, x: Any, table: Any, positions: np.ndarray, batch: int) -> Any: ...
+    def linear(self, x: Any, w: Any, b: Any | None) -> Any: ...
+    def rmsnorm(self, x: Any, w: Any, eps: float) -> Any: ...
+    def layernorm(self, x: Any, w: Any, b: Any | None, eps: float) -> Any: ...
+    def rope_tables(self, max_len: int, head_dim: int, theta: float) -> tuple[Any, Any]: ...
+    def split_heads(self, qkv: Any, batch: int, heads: int, kv_heads: int,
+                    head_dim: int) -> tuple[Any, Any, Any]: ...
+    def qk_norm(self, q: Any, k: Any, wq: Any, wk: Any, eps: float) -> tuple[Any, Any]: ...
+    def rope(self, q: Any, k: Any, cos: Any, sin: Any) -> tuple[Any, Any]: ...
+    def write_cache(self, cache_k: Any, cache_v: Any, k: Any, v: Any, start: int) -> None: ...
+    def attention(self, q: Any, keys: Any, values: Any, q_start: int, k_start: int,
+                  window: int | None) -> Any: ...
+    def activation(self, up: Any, kind: str, gated: bool) -> Any: ...
+    def add_(self, x: Any, y: Any) -> Any: ...
+    def route(self, logits: Any, top_k: int) -> tuple[Any, Any]: ...
+    def group_by_expert(self, experts: Any, gates: Any, num_experts: int) -> list[tuple[Any, Any] | None]: ...
+    def take_rows(self, x: Any, rows: Any) -> Any: ...
+    def zeros_like(self, x: Any) -> Any: ...
+    def scatter_add_rows(self, out: Any, rows: Any, y: Any, gates: Any) -> None: ...
+    def last_positions(self, x: Any, batch: int) -> Any: ...
+    def argmax(self, logits: Any) -> np.ndarray: ...
+
+
+def _convert(obj: Any, fn: Any) -> Any:
+    """The same weight tree with every numpy array passed through ``fn``."""
+    if isinstance(obj, np.ndarray):
+        return fn(obj)
+    if isinstance(obj, list):
+        return [_convert(item, fn) for item in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: _convert(getattr(obj, f.name), fn) for f in dataclasses.fields(obj)
+                   if f.name not in ("arrays", "lm_head")}
+        return dataclasses.replace(obj, **changes)
+    return obj
+
+
+class Transformer:
+    """``forward(ids, start, cache)`` -> logits of each sequence's last position."""
+
+    def __init__(self, spec: ModelSpec, backend: Backend, weights: ModelWeights,
+                 profiler: KernelProfiler | None = None):
+        check_supported(spec)
+        self.spec = spec
+        self.ops = backend
+        self.profiler = profiler or KernelProfiler(sync=backend.sync)
+        converted = _convert(weights, backend.from_numpy)
+        # A tied head stays a view of the embedding on the backend too (no second copy).
+        converted.lm_head = (converted.embedding.T if spec.tie_word_embeddings
+                             else backend.from_numpy(weights.lm_head))
+        converted.arrays = []
+        self.weights: ModelWeights = converted
+        self.weight_bytes = weights.num_params() * DTYPE_BYTES[backend.dtype]
+        self.act_kind, self.gated = ACTIVATIONS[spec.ffn.activation], spec.ffn.gated
+        self._rope: tuple[Any, Any] | None = None
+        self._rope_len = 0
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        s = self.spec
+        self._ensure_rope(max_len)
+        return self.ops.new_cache(s.num_layers, batch, s.kv_heads, max_len, s.head_size)
+
+    def _ensure_rope(self, length: int) -> None:
+        if self.spec.position_encoding == "rope" and length > self._rope_len:
+            self._rope = self.ops.rope_tables(length, self.spec.head_size, ROPE_THETA)
+            self._rope_len = length
+
+    # --- the step ----------------------------------------------------------------------
+
+    def forward(self, ids: np.ndarray, start: int, cache: KVCache | None) -> Any:
+        """Logits ``[B, V]`` of the last position; ``cache=None`` attends to this step's tokens only."""
+        k, w = self.profiler, self.weights
+        batch, tokens = ids.shape
+        if cache is None:
+            self._ensure_rope(start + tokens)
+        x = k("embedding", self.ops.embedding, w.embedding, ids)
+        if w.position_embedding is not None:
+            positions = np.arange(start, start + tokens)
+            x = k("position_embedding", self.ops.add_positions, x, w.position_embedding, positions, batch)
+        for index, layer in enumerate(w.layers):
+            self._attention(x, layer, index, batch, start, cache)
+            h = k("post_attention_norm", self._norm, x, layer.post_attention_norm)
+            if layer.moe is not None:
+                y = self._moe(h, layer.moe)
+            else:
+                assert layer.mlp is not None
+                y = self._mlp(h, layer.mlp, MLP_NAMES)
+            k("residual_add", self.ops.add_, x, y)
+        last = self.ops.last_positions(x, batch)
+        last = k("final_norm", self._norm, last, w.final_norm)
+        return k("lm_head", self.ops.linear, last, w.lm_head, None)
+
+    def _norm(self, x: Any, norm: NormWeights) -> Any:
+        if self.spec.norm == "layernorm":
+            return self.ops.layernorm(x, norm.weight, norm.bias, NORM_EPS)
+        return self.ops.rmsnorm(x, norm.weight, NORM_EPS)
+
+    def _attention(self, x: Any, layer: LayerWeights, index: int, batch: int, start: int,
+                   cache: KVCache | None) -> None:
+        k, s, ops = self.profiler, self.spec, self.ops
+        h = k("input_norm", self._norm, x, layer.input_norm)
+        qkv = k("qkv_proj", ops.linear, h, layer.qkv, layer.qkv_bias)
+        q, key, value = ops.split_heads(qkv, batch, s.num_attention_heads, s.kv_heads, s.head_size)
+        tokens = key.shape[2]
+        if layer.q_norm is not None:
+            q, key = k("qk_norm", ops.qk_norm, q, key, layer.q_norm, layer.k_norm, NORM_EPS)
+        if self._rope is not None:
+            cos, sin = self._rope[0][start:start + tokens], self._rope[1][start:start + tokens]
+            q, key = k("rope", ops.rope, q, key, cos, sin)
+        end, k_start = start + tokens, 0
+        if cache is not None:
+            k("kv_cache_write", ops.write_cache, cache.k[index], cache.v[index], key, value, start)
+            # With a sliding window the step needs only the last window + T - 1 keys.
+            if s.sliding_window is not None:
+                k_start = max(0, start - s.sliding_window + 1)
+            key, value = cache.k[index][:, :, k_start:end], cache.v[index][:, :, k_start:end]
+        else:
+            k_start = start
+        out = k("attention", ops.attention, q, key, value, start, k_start, s.sliding_window)
+        attn = k("o_proj", ops.linear, out, layer.o, layer.o_bias)
+        k("residual_add", ops.add_, x, attn)
+
+    def _mlp(self, x: Any, mlp: MLPWeights, names: tuple[str, str, str]) -> Any:
+        k, ops = self.profiler, self.ops
+        up = k(names[0], ops.linear, x, mlp.up, mlp.up_bias)
+        act = k(names[1], ops.activation, up, self.act_kind, self.gated)
+        return k(names[2], ops.linear, act, mlp.down, mlp.down_bias)
+
+    def _moe(self, h: Any, moe: MoEWeights) -> Any:
+        """``y = sum_{e in topk} g_e FFN_e(h) + FFN_shared(h)``, each expert on its own tokens only."""
+        k, ops, spec = self.profiler, self.ops, self.spec.moe
+        assert spec is not None
+        logits = k("router", ops.linear, h, moe.router, moe.router_bias)
+        experts, gates = k("topk_gate", ops.route, logits, spec.top_k)
+        groups = k("moe_permute", ops.group_by_expert, experts, gates, spec.num_experts)
+        out = k("expert_combine", ops.zeros_like, h)
+        for expert, group in zip(moe.experts, groups, strict=True):
+            if group is None:
+                continue
+            rows, expert_gates = group
+            routed = k("experts_gather", ops.take_rows, h, rows)
+            y = self._mlp(routed, expert, EXPERT_NAMES)
+            k("expert_combine", ops.scatter_add_rows, out, rows, y, expert_gates)
+        if moe.shared is not None:
+            shared = self._mlp(h, moe.shared, SHARED_NAMES)
+            k("expert_combine", ops.add_, out, shared)
+        return out
+
+
+MLP_NAMES = ("mlp_up_proj", "mlp_act", "mlp_down_proj")
+EXPERT_NAMES = ("experts_up_proj", "experts_act", "experts_down_proj")
+SHARED_NAMES = ("shared_experts_up_proj", "shared_experts_act", "shared_experts_down_proj")
