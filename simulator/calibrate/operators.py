@@ -116,18 +116,17 @@ def fit_device(base: Device, frame: pd.DataFrame) -> tuple[Device, dict[str, Any
     return device_with(base, result.x, "fitted", info), info
 
 
-def fit_device_to_ops(base: Device, ops: list[Op], measured_s: np.ndarray,
+def fit_device_to_ops(base: Device, ops: list[tuple[Op, ...]], measured_s: np.ndarray,
                       kinds: tuple[str, ...] = KERNEL_KINDS) -> tuple[Device, dict[str, Any]]:
-    """Efficiencies of ``base`` fitted so that ``cost_op(ops[i]).time_s`` matches ``measured_s[i]``.
-
-    An op may carry arrays (one value per measured size); ``measured_s[i]`` then has that shape.
+    """Efficiencies of ``base`` fitted so that the summed time of the ops in ``ops[i]`` matches
+    ``measured_s[i]`` (several ops when one timed call runs several kernels).
     """
-    measured = np.log(np.concatenate([np.atleast_1d(m) for m in measured_s]))
+    measured = np.log(np.asarray(measured_s, dtype=float))
     params = device_params(kinds)
 
     def residuals(x: np.ndarray) -> np.ndarray:
         device = device_with(base, x, "fitting", kinds=kinds)
-        predicted = np.concatenate([np.atleast_1d(cost_op(op, device).time_s) for op in ops])
+        predicted = [sum(float(np.mean(cost_op(op, device).time_s)) for op in group) for group in ops]
         return np.log(predicted) - measured
 
     result = _robust_fit(residuals, params)

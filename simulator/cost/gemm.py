@@ -28,8 +28,12 @@ def _candidates(tiling: GemmTiling, k: float) -> tuple[np.ndarray, np.ndarray, n
 
 
 def gemm_compute_s(m: Quantity, n: float, k: float, peak_flops: float, device: Device,
-                   tiling: GemmTiling, operand_bytes: float) -> Quantity:
-    """Time of the fastest tiling: ``waves * (max(tile math, tile operand traffic) + tile_overhead)``."""
+                   tiling: GemmTiling, operand_bytes: float, groups: Quantity = 1.0) -> Quantity:
+    """Time of the fastest tiling: ``waves * (max(tile math, tile operand traffic) + tile_overhead)``.
+
+    ``groups`` GEMMs of ``m`` rows each (a grouped GEMM) share the waves: their tiles are
+    scheduled together over the compute units.
+    """
     units = device.compute_units
     assert units is not None
     tm, tn, split = _candidates(tiling, float(k))
@@ -39,6 +43,7 @@ def gemm_compute_s(m: Quantity, n: float, k: float, peak_flops: float, device: D
         tile_s = np.maximum(tile_s, (tm + tn) * slice_k * operand_bytes / (tiling.operand_bandwidth / units))
     tile_s = tile_s + tiling.tile_overhead
     m_row = np.atleast_1d(np.asarray(m, dtype=float))[None, :]
-    waves = np.ceil(np.ceil(m_row / tm) * np.ceil(n / tn) * split / units)
+    groups_row = np.atleast_1d(np.asarray(groups, dtype=float))[None, :]
+    waves = np.ceil(np.ceil(m_row / tm) * np.ceil(n / tn) * split * groups_row / units)
     best = (waves * tile_s).min(axis=0)
     return best if np.ndim(m) else float(best[0])

@@ -94,12 +94,13 @@ def cost_op(op: Op, device: Device) -> OpCost:
     nbytes = op.bytes
     if op.kind == "gemm" and eff.gemm is not None and op.shape is not None:
         m, n, k = op.shape
-        compute_s = gemm_compute_s(m, n, k, peak, device, eff.gemm, bytes_per_value(op.dtype))
+        compute_s = gemm_compute_s(m, n, k, peak, device, eff.gemm, bytes_per_value(op.dtype), op.groups)
     else:
         compute_s = op.flops / (peak * np.maximum(eff.compute.at(op.flops), 1e-12))
     memory_s, floor = _memory_s(op, device, nbytes)
     if op.kind == "gemm" and "gemv" in eff.kernels and op.shape is not None:
-        # Matrix-vector products (one row) run a different kernel than GEMMs (no packing, no tiles).
+        # Matrix-vector products (one row per group) run a different kernel than GEMMs
+        # (no packing, no tiles).
         gemv_s, gemv_floor = _memory_s(op, device, nbytes, "gemv")
         one_row = np.asarray(op.shape[0]) <= 1
         memory_s = np.where(one_row, gemv_s, memory_s)

@@ -16,7 +16,8 @@ from typing import Literal
 import numpy as np
 
 Quantity = float | np.ndarray
-OpKind = Literal["gemm", "attention", "elementwise", "norm", "rope", "activation", "embedding", "sampling"]
+OpKind = Literal["gemm", "attention", "softmax", "elementwise", "norm", "rope", "activation", "embedding",
+                 "sampling"]
 """What kind of kernel an op is: devices may reach different fractions of bandwidth per kind."""
 Unit = Literal["matrix", "vector"]
 
@@ -42,8 +43,10 @@ class Op:
     """Part of ``read_bytes`` that is KV cache."""
     kv_write_bytes: Quantity = 0.0
     """Part of ``write_bytes`` that is KV cache."""
-    shape: tuple[float, float, float] | None = None
-    """(m, n, k) of a GEMM: m tokens, n output features, k input features."""
+    shape: tuple[Quantity, float, float] | None = None
+    """(m, n, k) of a GEMM: m tokens, n output features, k input features (of one group)."""
+    groups: Quantity = 1.0
+    """Independent GEMMs of that shape in one grouped GEMM (the experts an MoE layer touches)."""
 
     @property
     def bytes(self) -> Quantity:
@@ -71,11 +74,14 @@ def gemm(
     dtype: str,
     count: int = 1,
     weight_values: float | None = None,
+    groups: Quantity = 1.0,
 ) -> Op:
     """``[m, k] @ [k, n]``: 2mnk FLOPs; reads the weights once and the input once, writes the output.
 
     ``weight_values`` overrides ``n * k`` when fewer (or more) weights are read
-    than one matrix holds, as for the distinct experts of an MoE layer.
+    than one matrix holds, as for the distinct experts of an MoE layer. With
+    ``groups`` the ``m`` rows are split evenly over that many GEMMs (one per
+    expert), each of ``m / groups`` rows: the shape records one group.
     """
     values = n * k if weight_values is None else weight_values
     weights = values * weight_bytes_per_value
@@ -89,7 +95,8 @@ def gemm(
         weight_bytes=weights,
         dtype=dtype,
         count=count,
-        shape=(m, n, k),
+        shape=(m / groups, n, k),
+        groups=groups,
     )
 
 

@@ -190,7 +190,7 @@ class _Builder:
             self.gemm("q_absorb", T * H, mla.kv_lora_rank, mla.qk_nope_head_dim, L,
                       weight_values=H * mla.qk_nope_head_dim * mla.kv_lora_rank)
             self._attention_core(L, heads=H, qk_dim=latent, v_dim=mla.kv_lora_rank,
-                                 kv_width=latent)
+                                 kv_width=latent, shared_kv=True)
             self.gemm("out_absorb", T * H, mla.v_head_dim, mla.kv_lora_rank, L,
                       weight_values=H * mla.kv_lora_rank * mla.v_head_dim)
         self.gemm("o_proj", T, h, H * mla.v_head_dim, L)
@@ -204,33 +204,49 @@ class _Builder:
         ))
 
     def _attention_core(self, L: int, heads: int, qk_dim: int, v_dim: int, kv_width: int,
-                        materialised: bool = False) -> None:
+                        materialised: bool = False, shared_kv: bool = False) -> None:
         """Scores, softmax and weighted values for all heads of one layer.
 
-        FlashAttention reads Q and the K/V it needs once and writes O; naive
-        attention also writes the score matrix, reads and rewrites it in
-        softmax, and reads it again for the values, with no causal skipping.
-        K/V come from the cache (``kv_width`` values per token in the KV
-        dtype), or, ``materialised``, from activations just computed (MLA prefill).
-        With a sliding window the new tokens together need the last
+        FlashAttention is one kernel: it reads Q and the K/V it needs once and
+        writes O. Naive attention is three, as eager frameworks run it: the
+        scores ``Q K^T`` are written out, a softmax reads and rewrites them,
+        and ``P V`` reads them again; no causal skipping. K/V come from the
+        cache (``kv_width`` values per token in the KV dtype; half of them K,
+        half V, unless ``shared_kv``: MLA's latent is both), or,
+        ``materialised``, from activations just computed (MLA prefill). With
+        a sliding window the new tokens together need the last
         ``window + new_tokens - 1`` keys.
         """
         b, step, window = self.step.batch, self.step, self.m.sliding_window
         flash = self.attention == "flash"
         pairs = step.attended_pairs(causal_skip=flash, window=window) * b * heads
-        flops = 2.0 * pairs * (qk_dim + v_dim) + 5.0 * pairs  # two matmuls + softmax
         keys = step.context if window is None else np.minimum(step.context, window + step.new_tokens - 1)
         kv_bytes = b * keys * kv_width * (self.a if materialised else self.p.kv_bytes)
         kv_read = 0.0 if materialised else kv_bytes
         q_bytes = self.T * heads * qk_dim * self.a
         out_bytes = self.T * heads * v_dim * self.a
-        read, write = q_bytes + kv_bytes, out_bytes
-        if not flash:
-            scores = pairs * self.a
-            read, write = read + 2 * scores, write + 2 * scores
+        if flash:
+            self.ops.append(Op(
+                name="attention", kind="attention", unit="matrix",
+                flops=2.0 * pairs * (qk_dim + v_dim) + 5.0 * pairs, read_bytes=q_bytes + kv_bytes,
+                write_bytes=out_bytes, kv_read_bytes=kv_read, dtype=self.p.act, count=L,
+            ))
+            return
+        share = 1.0 if shared_kv else 0.5
+        scores = pairs * self.a
         self.ops.append(Op(
-            name="attention", kind="attention", unit="matrix", flops=flops, read_bytes=read,
-            write_bytes=write, kv_read_bytes=kv_read, dtype=self.p.act, count=L,
+            name="attention_scores", kind="attention", unit="matrix", flops=2.0 * pairs * qk_dim,
+            read_bytes=q_bytes + share * kv_bytes, write_bytes=scores, kv_read_bytes=share * kv_read,
+            dtype=self.p.act, count=L,
+        ))
+        self.ops.append(Op(
+            name="attention_softmax", kind="softmax", flops=5.0 * pairs, read_bytes=scores,
+            write_bytes=scores, dtype=self.p.act, count=L,
+        ))
+        self.ops.append(Op(
+            name="attention_values", kind="attention", unit="matrix", flops=2.0 * pairs * v_dim,
+            read_bytes=scores + share * kv_bytes, write_bytes=out_bytes, kv_read_bytes=share * kv_read,
+            dtype=self.p.act, count=L,
         ))
 
     # --- feed-forward ----------------------------------------------------------------
@@ -249,10 +265,11 @@ class _Builder:
         h, gated = self.m.hidden_size, self.m.ffn.gated
         up = (2 if gated else 1) * inter
         sets = 1.0 if experts is None else experts
-        self.gemm(f"{prefix}_up_proj", tokens, up, h, count, weight_values=sets * up * h)
+        self.gemm(f"{prefix}_up_proj", tokens, up, h, count, weight_values=sets * up * h, groups=sets)
         act_flops = 5.0 if gated else 4.0  # SiLU/GELU plus the gating multiply
         self.vector(f"{prefix}_act", tokens * up, tokens * inter, act_flops, count, kind="activation")
-        self.gemm(f"{prefix}_down_proj", tokens, h, inter, count, weight_values=sets * inter * h)
+        self.gemm(f"{prefix}_down_proj", tokens, h, inter, count, weight_values=sets * inter * h,
+                  groups=sets)
 
     def moe_ffn(self, count: int) -> None:
         moe = self.m.moe

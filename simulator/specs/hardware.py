@@ -82,7 +82,7 @@ class GemmTiling(Spec):
     """Aggregate rate at which the cache feeds tiles their operands (L2 to SMs); none: unlimited."""
 
 
-KernelKind = Literal["gemm", "gemv", "attention", "elementwise", "norm", "rope", "activation",
+KernelKind = Literal["gemm", "gemv", "attention", "softmax", "elementwise", "norm", "rope", "activation",
                      "embedding", "sampling"]
 """The op kinds of ``simulator.graph.ops.OpKind``, plus ``gemv`` for one-row GEMMs."""
 
