@@ -24,7 +24,7 @@ from typing import Any
 from rich.progress import Progress
 
 # (model, largest batch x prompt tokens of a prefill) of each suite's models.
-FULL_MODELS = [("tiny-dense-58m", 8192), ("tiny-moe-140m", 8192), ("small-dense-250m", 4096)]
+FULL_MODELS = [("tiny-dense-58m", 8192), ("tiny-moe-140m", 8192), ("small-dense-250m", 2048)]
 BATCHES = [1, 2, 4, 8, 16, 32]
 PROMPTS = [128, 256, 512, 1024, 2048, 4096]
 

@@ -44,14 +44,19 @@ FIT_MARKER = "# --- fitted: written by `python -m simulator.calibrate.operators`
 
 # --- devices ------------------------------------------------------------------------------
 
-def device_params(kinds: tuple[str, ...] = KERNEL_KINDS) -> list[tuple[str, float, float, float]]:
-    """(name, lower, upper, initial) of every fitted device parameter, in the optimiser's coordinates."""
+def device_params(kinds: tuple[str, ...] = KERNEL_KINDS,
+                  max_bandwidth: float = 1.0) -> list[tuple[str, float, float, float]]:
+    """(name, lower, upper, initial) of every fitted device parameter, in the optimiser's coordinates.
+
+    ``max_bandwidth`` bounds each kind's bandwidth as a multiple of main memory's: 1 on a
+    GPU (HBM feeds every kernel), more on a CPU whose caches hold the activations.
+    """
     return [
         ("log10_kernel_overhead_s", -7.0, -4.0, -5.5),
         ("gemm_efficiency", 0.3, 1.0, 0.8),
         ("log10_operand_bandwidth", 10.0, 14.5, 13.0),
         ("log10_tile_overhead_s", -8.0, -4.5, -6.5),
-        *[(f"{kind}_bandwidth", 0.02, 1.0, 0.8) for kind in kinds],
+        *[(f"{kind}_bandwidth", 0.02, max_bandwidth, 0.8) for kind in kinds],
         *[(f"log10_{kind}_half_bytes", 2.0, 9.0, 6.0) for kind in kinds],
         *[(f"log10_{kind}_floor_s", -7.0, -3.0, -5.5) for kind in kinds],
     ]
@@ -62,7 +67,7 @@ DEVICE_PARAMS = device_params()
 
 def device_with(base: Device, x: np.ndarray, provenance: str, fit: dict | None = None,
                 kinds: tuple[str, ...] = KERNEL_KINDS) -> Device:
-    names = [p[0] for p in device_params(kinds)]
+    names = [p[0] for p in device_params(kinds)]  # the names do not depend on the bounds
     values = dict(zip(names, map(float, x), strict=True))
     efficiency = DeviceEfficiency(
         compute=base.efficiency.compute,
@@ -117,12 +122,13 @@ def fit_device(base: Device, frame: pd.DataFrame) -> tuple[Device, dict[str, Any
 
 
 def fit_device_to_ops(base: Device, ops: list[tuple[Op, ...]], measured_s: np.ndarray,
-                      kinds: tuple[str, ...] = KERNEL_KINDS) -> tuple[Device, dict[str, Any]]:
+                      kinds: tuple[str, ...] = KERNEL_KINDS,
+                      max_bandwidth: float = 1.0) -> tuple[Device, dict[str, Any]]:
     """Efficiencies of ``base`` fitted so that the summed time of the ops in ``ops[i]`` matches
     ``measured_s[i]`` (several ops when one timed call runs several kernels).
     """
     measured = np.log(np.asarray(measured_s, dtype=float))
-    params = device_params(kinds)
+    params = device_params(kinds, max_bandwidth)
 
     def residuals(x: np.ndarray) -> np.ndarray:
         device = device_with(base, x, "fitting", kinds=kinds)

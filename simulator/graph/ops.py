@@ -16,8 +16,8 @@ from typing import Literal
 import numpy as np
 
 Quantity = float | np.ndarray
-OpKind = Literal["gemm", "attention", "softmax", "elementwise", "norm", "rope", "activation", "embedding",
-                 "sampling"]
+OpKind = Literal["gemm", "attention", "softmax", "elementwise", "cache_write", "norm", "rope", "activation",
+                 "embedding", "sampling"]
 """What kind of kernel an op is: devices may reach different fractions of bandwidth per kind."""
 Unit = Literal["matrix", "vector"]
 

@@ -198,7 +198,7 @@ class _Builder:
     def _kv_write(self, width: int, L: int) -> None:
         kv = self.T * width * self.p.kv_bytes
         self.ops.append(Op(
-            name="kv_cache_write", kind="elementwise", flops=self.T * width * 1.0,
+            name="kv_cache_write", kind="cache_write", flops=self.T * width * 1.0,
             read_bytes=self.T * width * self.a, write_bytes=kv, kv_write_bytes=kv,
             dtype=self.p.act, count=L,
         ))

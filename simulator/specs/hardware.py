@@ -82,20 +82,22 @@ class GemmTiling(Spec):
     """Aggregate rate at which the cache feeds tiles their operands (L2 to SMs); none: unlimited."""
 
 
-KernelKind = Literal["gemm", "gemv", "attention", "softmax", "elementwise", "norm", "rope", "activation",
-                     "embedding", "sampling"]
+KernelKind = Literal["gemm", "gemv", "attention", "softmax", "elementwise", "cache_write", "norm", "rope",
+                     "activation", "embedding", "sampling"]
 """The op kinds of ``simulator.graph.ops.OpKind``, plus ``gemv`` for one-row GEMMs."""
 
 
 class KernelEfficiency(Spec):
     """How one kind of kernel uses the memory system on this device.
 
-    Achieved bandwidth ramps as ``bandwidth * B / (B + half_size)`` with the
-    bytes ``B`` it moves (a fixed start-up cost of ``half_size`` bytes' worth
-    of time), and no kernel of this kind takes less than ``floor``.
+    Achieved bandwidth ramps as ``bandwidth * B / (B + half_size)`` times the
+    main memory's, with the bytes ``B`` it moves (a fixed start-up cost of
+    ``half_size`` bytes' worth of time), and no kernel of this kind takes less
+    than ``floor``. ``bandwidth`` may exceed 1 where a kind's data stays in a
+    cache faster than main memory (activations on a CPU with a large L3).
     """
 
-    bandwidth: Fraction
+    bandwidth: float = Field(gt=0, le=50)
     half_size: Annotated[float, BeforeValidator(_size)] = 0.0
     floor: Seconds = 0.0
 
