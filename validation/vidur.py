@@ -312,13 +312,7 @@ def plots(compute: pd.DataFrame, out: Path, mode: str) -> list[Path]:
         ax.set_xlabel("measured time per op (ms)")
         ax.set_ylabel("predicted time per op (ms)")
         ax.set_title(f"{gpu}: predicted vs measured, {mode}")
-        ax.legend()
-        ax.grid(True, which="both", alpha=0.3)
-        path = out / f"vidur_scatter_{gpu}_{mode}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, out / f"vidur_scatter_{gpu}_{mode}.png"))
 
         fig, ax = plt.subplots(figsize=(8, 5))
         for op_class, sub in part.groupby("op_class"):
@@ -328,14 +322,19 @@ def plots(compute: pd.DataFrame, out: Path, mode: str) -> list[Path]:
         ax.set_xlabel("tokens in the step")
         ax.set_ylabel("median absolute error (%)")
         ax.set_title(f"{gpu}: error vs token count, {mode}")
-        ax.legend()
-        ax.grid(True, which="both", alpha=0.3)
-        path = out / f"vidur_error_vs_tokens_{gpu}_{mode}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, out / f"vidur_error_vs_tokens_{gpu}_{mode}.png"))
     return written
+
+
+def _save(fig: Any, ax: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # --- command line -------------------------------------------------------------------------
