@@ -132,3 +132,24 @@ def test_sliding_window_prefill_reads_every_key_it_needs():
     step = StepShape("prefill", 1, 8192, 8192.0)
     attention = next(op for op in build_step(model, step) if op.name == "attention")
     assert attention.kv_read_bytes == pytest.approx(8192 * 2 * 8 * 128 * 2)
+
+
+@given(st.integers(2, 64), st.integers(1, 8), st.integers(1, 64))
+def test_single_token_experts_are_among_the_touched(experts, k, tokens):
+    from simulator.graph.transformer import expected_single_token_experts
+
+    k = min(k, experts)
+    single = expected_single_token_experts(experts, k, tokens)
+    assert -1e-12 <= single <= expected_experts_touched(experts, k, tokens) + 1e-9
+
+
+def test_single_token_experts_by_simulation():
+    from simulator.graph.transformer import expected_single_token_experts
+
+    rng = np.random.default_rng(0)
+    experts, k, tokens, trials = 8, 2, 3, 20000
+    counts = np.zeros(trials)
+    for t in range(trials):
+        picks = np.concatenate([rng.choice(experts, k, replace=False) for _ in range(tokens)])
+        counts[t] = np.sum(np.bincount(picks, minlength=experts) == 1)
+    assert counts.mean() == pytest.approx(expected_single_token_experts(experts, k, tokens), rel=0.03)

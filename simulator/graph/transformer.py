@@ -280,8 +280,15 @@ class _Builder:
         self.gemm("router", T, moe.num_experts, h, count, wbytes=self.a)
         self.vector("topk_gate", T * moe.num_experts, T * moe.top_k, 5.0, count)
         routed = T * moe.top_k
-        self._mlp("experts", routed, moe.expert_intermediate_size, count,
-                  experts=expected_experts_touched(moe.num_experts, moe.top_k, T))
+        touched = expected_experts_touched(moe.num_experts, moe.top_k, T)
+        single = expected_single_token_experts(moe.num_experts, moe.top_k, T)
+        if np.ndim(T) == 0 and 0.01 < single < touched - 0.01:
+            # Experts hit by one token run matrix-vector products, the rest GEMMs: cost both.
+            self._mlp("experts", routed - single, moe.expert_intermediate_size, count,
+                      experts=touched - single)
+            self._mlp("experts_single", single, moe.expert_intermediate_size, count, experts=single)
+        else:
+            self._mlp("experts", routed, moe.expert_intermediate_size, count, experts=touched)
         if moe.num_shared_experts:
             self._mlp("shared_experts", T, moe.shared_intermediate * moe.num_shared_experts, count)
         self.vector("expert_combine", routed * h, T * h, 2.0, count)
@@ -295,6 +302,13 @@ def expected_experts_touched(num_experts: int, top_k: int, tokens: float) -> flo
     ``E[distinct] = E * (1 - (1 - k/E)^tokens)``.
     """
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+def expected_single_token_experts(num_experts: int, top_k: int, tokens: float) -> float:
+    """Expected experts chosen by exactly one of ``tokens`` tokens (uniform top-k routing):
+    ``E * T * (k/E) * (1 - k/E)^(T-1)``."""
+    p = top_k / num_experts
+    return num_experts * tokens * p * (1.0 - p) ** (tokens - 1)
 
 
 def build_step(
