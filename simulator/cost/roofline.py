@@ -100,12 +100,14 @@ def cost_op(op: Op, device: Device) -> OpCost:
     memory_s, floor = _memory_s(op, device, nbytes)
     if op.kind == "gemm" and "gemv" in eff.kernels and op.shape is not None:
         # Matrix-vector products (one row per group) run a different kernel than GEMMs
-        # (no packing, no tiles).
+        # (no packing, no tiles). A grouped GEMM whose groups are partly single-row (experts
+        # hit by one token) costs that share of its work at the matrix-vector rate.
         gemv_s, gemv_floor = _memory_s(op, device, nbytes, "gemv")
         one_row = np.asarray(op.shape[0]) <= 1
-        memory_s = np.where(one_row, gemv_s, memory_s)
-        floor = np.where(one_row, gemv_floor, floor)
-        compute_s = np.where(one_row, op.flops / peak, compute_s)
+        share = np.where(one_row, 1.0, np.clip(op.single_groups / np.maximum(op.groups, 1e-12), 0, 1))
+        memory_s = share * gemv_s + (1 - share) * memory_s
+        floor = share * gemv_floor + (1 - share) * floor
+        compute_s = share * op.flops / peak + (1 - share) * compute_s
         if not np.ndim(memory_s):
             memory_s, floor, compute_s = float(memory_s), float(floor), float(compute_s)
     busy_s = np.maximum(np.maximum(compute_s, memory_s), floor)

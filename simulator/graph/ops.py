@@ -47,6 +47,8 @@ class Op:
     """(m, n, k) of a GEMM: m tokens, n output features, k input features (of one group)."""
     groups: Quantity = 1.0
     """Independent GEMMs of that shape in one grouped GEMM (the experts an MoE layer touches)."""
+    single_groups: Quantity = 0.0
+    """Of ``groups``, how many have a single row (experts hit by one token): matrix-vector work."""
 
     @property
     def bytes(self) -> Quantity:
@@ -75,6 +77,7 @@ def gemm(
     count: int = 1,
     weight_values: float | None = None,
     groups: Quantity = 1.0,
+    single_groups: Quantity = 0.0,
 ) -> Op:
     """``[m, k] @ [k, n]``: 2mnk FLOPs; reads the weights once and the input once, writes the output.
 
@@ -97,6 +100,7 @@ def gemm(
         count=count,
         shape=(m / groups, n, k),
         groups=groups,
+        single_groups=single_groups,
     )
 
 

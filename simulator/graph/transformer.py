@@ -260,16 +260,18 @@ class _Builder:
         self.vector("residual_add", 2 * self.T * h, self.T * h, 1.0, count)
 
     def _mlp(self, prefix: str, tokens: Quantity, inter: int, count: int,
-             experts: float | None = None) -> None:
-        """Up (gate+up fused when gated), activation, down; ``experts`` distinct weight sets."""
+             experts: Quantity | None = None, single: Quantity = 0.0) -> None:
+        """Up (gate+up fused when gated), activation, down; ``experts`` distinct weight sets,
+        ``single`` of them multiplying one row."""
         h, gated = self.m.hidden_size, self.m.ffn.gated
         up = (2 if gated else 1) * inter
         sets = 1.0 if experts is None else experts
-        self.gemm(f"{prefix}_up_proj", tokens, up, h, count, weight_values=sets * up * h, groups=sets)
+        self.gemm(f"{prefix}_up_proj", tokens, up, h, count, weight_values=sets * up * h, groups=sets,
+                  single_groups=single)
         act_flops = 5.0 if gated else 4.0  # SiLU/GELU plus the gating multiply
         self.vector(f"{prefix}_act", tokens * up, tokens * inter, act_flops, count, kind="activation")
         self.gemm(f"{prefix}_down_proj", tokens, h, inter, count, weight_values=sets * inter * h,
-                  groups=sets)
+                  groups=sets, single_groups=single)
 
     def moe_ffn(self, count: int) -> None:
         moe = self.m.moe
@@ -282,13 +284,8 @@ class _Builder:
         routed = T * moe.top_k
         touched = expected_experts_touched(moe.num_experts, moe.top_k, T)
         single = expected_single_token_experts(moe.num_experts, moe.top_k, T)
-        if np.ndim(T) == 0 and 0.01 < single < touched - 0.01:
-            # Experts hit by one token run matrix-vector products, the rest GEMMs: cost both.
-            self._mlp("experts", routed - single, moe.expert_intermediate_size, count,
-                      experts=touched - single)
-            self._mlp("experts_single", single, moe.expert_intermediate_size, count, experts=single)
-        else:
-            self._mlp("experts", routed, moe.expert_intermediate_size, count, experts=touched)
+        self._mlp("experts", routed, moe.expert_intermediate_size, count, experts=touched,
+                  single=single)
         if moe.num_shared_experts:
             self._mlp("shared_experts", T, moe.shared_intermediate * moe.num_shared_experts, count)
         self.vector("expert_combine", routed * h, T * h, 2.0, count)
