@@ -61,12 +61,21 @@ def _peak(device: Device, op: Op) -> float:
     return peak
 
 
+def _maximum(a: Quantity, b: Quantity) -> Quantity:
+    """``np.maximum`` without its overhead when both are scalars (the common case)."""
+    return max(a, b) if isinstance(a, float) and isinstance(b, float) else np.maximum(a, b)
+
+
+def _minimum(a: Quantity, b: Quantity) -> Quantity:
+    return min(a, b) if isinstance(a, float) and isinstance(b, float) else np.minimum(a, b)
+
+
 def op_power_w(device: Device, flops: Quantity, nbytes: Quantity, peak_flops: float,
                time_s: Quantity) -> Quantity:
     """``min(max, idle + e_flop * FLOP/s + e_byte * byte/s)`` with the spec's or derived energies."""
     power = device.power
     dynamic = power.max - power.idle
-    t = np.maximum(time_s, 1e-30)
+    t = _maximum(time_s, 1e-30)
     if power.energy_per_flop is not None:
         compute_w = power.energy_per_flop * flops / t
     else:
@@ -75,7 +84,7 @@ def op_power_w(device: Device, flops: Quantity, nbytes: Quantity, peak_flops: fl
         memory_w = power.energy_per_byte * nbytes / t
     else:
         memory_w = power.memory_share * dynamic * (nbytes / t) / device.main_memory.bandwidth
-    return np.minimum(power.max, power.idle + compute_w + memory_w)
+    return _minimum(power.max, power.idle + compute_w + memory_w)
 
 
 def _memory_s(op: Op, device: Device, nbytes: Quantity, kind: str | None = None) -> tuple[Quantity, float]:
@@ -84,7 +93,7 @@ def _memory_s(op: Op, device: Device, nbytes: Quantity, kind: str | None = None)
     kernel = eff.kernels.get(kind or op.kind)
     bandwidth = device.main_memory.bandwidth
     if kernel is None:
-        return nbytes / (bandwidth * np.maximum(eff.memory.at(nbytes), 1e-12)), 0.0
+        return nbytes / (bandwidth * _maximum(eff.memory.at(nbytes), 1e-12)), 0.0
     return (nbytes + kernel.half_size) / (bandwidth * kernel.bandwidth), kernel.floor
 
 
@@ -96,7 +105,7 @@ def cost_op(op: Op, device: Device) -> OpCost:
         m, n, k = op.shape
         compute_s = gemm_compute_s(m, n, k, peak, device, eff.gemm, bytes_per_value(op.dtype), op.groups)
     else:
-        compute_s = op.flops / (peak * np.maximum(eff.compute.at(op.flops), 1e-12))
+        compute_s = op.flops / (peak * _maximum(eff.compute.at(op.flops), 1e-12))
     memory_s, floor = _memory_s(op, device, nbytes)
     if op.kind == "gemm" and "gemv" in eff.kernels and op.shape is not None:
         # Matrix-vector products (one row per group) run a different kernel than GEMMs
@@ -110,7 +119,7 @@ def cost_op(op: Op, device: Device) -> OpCost:
         compute_s = share * op.flops / peak + (1 - share) * compute_s
         if not np.ndim(memory_s):
             memory_s, floor, compute_s = float(memory_s), float(floor), float(compute_s)
-    busy_s = np.maximum(np.maximum(compute_s, memory_s), floor)
+    busy_s = _maximum(_maximum(compute_s, memory_s), floor)
     time_s = busy_s + eff.kernel_overhead
     energy = op_power_w(device, op.flops, nbytes, peak, time_s) * time_s
     return OpCost(op, compute_s, memory_s, eff.kernel_overhead, time_s, energy, peak)
