@@ -89,10 +89,9 @@ def validate(measurements: Path, hardware: str, max_median: float | None, max_p9
              report: Path | None) -> int:
     frame = predict(read_measurements(measurements), hardware)
     summary = summarize(frame)
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=160) if not Console().is_terminal else Console()
+    from simulator.report.tables import console
     table = Table(title=f"predicted vs measured: {measurements.name} on {Path(hardware).stem}")
     for col in ("case", "TTFT meas", "pred", "err", "cv", "TPOT meas", "pred", "err", "cv"):
         table.add_column(col, justify="left" if col == "case" else "right")

@@ -92,9 +92,7 @@ class NumpyBackend:
 
     def rope_tables(self, max_len: int, head_dim: int, theta: float) -> tuple[Array, Array]:
         """``cos, sin [max_len, d]`` of ``p * theta^(-2i/d)``, each half repeated (rotate-half)."""
-        inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-        angles = np.outer(np.arange(max_len, dtype=np.float64), inv_freq)
-        angles = np.concatenate([angles, angles], axis=-1)
+        angles = rope_angles(max_len, head_dim, theta)
         return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
     def split_heads(self, qkv: Array, batch: int, heads: int, kv_heads: int,
@@ -200,6 +198,14 @@ class NumpyBackend:
 
     def argmax(self, logits: Array) -> np.ndarray:
         return np.argmax(logits, axis=-1)
+
+
+def rope_angles(max_len: int, head_dim: int, theta: float) -> np.ndarray:
+    """``[max_len, d]`` angles ``p * theta^(-2i/d)`` in float64, each half repeated (rotate-half);
+    both backends take their cos/sin tables from here."""
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.outer(np.arange(max_len, dtype=np.float64), inv_freq)
+    return np.concatenate([angles, angles], axis=-1)
 
 
 def _rotate(x: Array, cos: Array, sin: Array) -> Array:

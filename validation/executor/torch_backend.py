@@ -17,6 +17,7 @@ import numpy as np
 
 from simulator.errors import InferSimError, UnsupportedError
 from validation.executor.model import KVCache
+from validation.executor.numpy_backend import rope_angles
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -102,9 +103,7 @@ class TorchBackend:
         return y if b is None else y + b
 
     def rope_tables(self, max_len: int, head_dim: int, theta: float) -> tuple[Any, Any]:
-        inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-        angles = np.outer(np.arange(max_len, dtype=np.float64), inv_freq)
-        angles = np.concatenate([angles, angles], axis=-1)
+        angles = rope_angles(max_len, head_dim, theta)
         return self.from_numpy(np.cos(angles)), self.from_numpy(np.sin(angles))
 
     def split_heads(self, qkv: Any, batch: int, heads: int, kv_heads: int,
