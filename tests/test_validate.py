@@ -54,3 +54,37 @@ def test_bad_measurements_file(tmp_path, capsys):
     path.write_text("case,model\nx,tiny-dense-58m\n")
     assert main(["validate", "--measurements", str(path), "--hardware", "h100-sxm"]) == 2
     assert "missing columns" in capsys.readouterr().err
+
+
+def test_rounds_keep_the_fastest_rounds_median_and_validate_compares_with_it(tmp_path):
+    from validation.measure import Case, _Samples
+
+    detail = {"e2e_s": 1.0, "dispatch_s_per_step": {"prefill": 0.0, "decode": 0.0},
+              "kernels_per_step": {"decode": 1}, "peak_memory_bytes": 1}
+    samples = _Samples(ttft=[[3.0, 3.2], [2.0, 2.4], [5.0, 5.0]], tpot=[[1.0], [0.5], [2.0]],
+                       details=[detail] * 3, loads=[(0.1, 0.2)] * 3)
+    row = samples.row(Case("tiny-dense-58m", 1, 128, 8))
+    assert row["ttft_best_s"] == pytest.approx(2.2) and row["tpot_best_s"] == 0.5
+    assert row["ttft_median_s"] == pytest.approx(3.1) and row["rounds"] == 3 and row["repeats"] == 6
+
+    frame = pd.DataFrame([{**row, "ttft_best_s": 1.0, "ttft_median_s": 2.0}])
+    out = predict(frame, "h100-sxm")
+    assert out["ttft_error"][0] == pytest.approx(out["ttft_pred_s"][0] - 1.0)
+    assert out["ttft_error_vs_median"][0] == pytest.approx(out["ttft_pred_s"][0] / 2.0 - 1.0)
+
+
+def test_calibration_passes_keep_each_points_fastest():
+    from simulator.calibrate.host import Points, _ops_at
+
+    ops = _ops_at(1)
+    first, second = Points(), Points()
+    first.add(ops["o_proj"], 2.0, m=1)
+    first.add(ops["qkv_proj"], 1.0, m=1)
+    second.add(ops["o_proj"], 1.5, m=1)
+    second.add(ops["qkv_proj"], 3.0, m=1)
+    assert first.best_of(second).measured_s == [1.5, 1.0]
+    other = Points()
+    other.add(ops["mlp_up_proj"], 1.0)
+    other.add(ops["qkv_proj"], 1.0)
+    with pytest.raises(ValueError):
+        first.best_of(other)

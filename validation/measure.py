@@ -2,11 +2,15 @@
 
     python -m validation.measure --suite quick|full --out validation/measurements/FILE.csv
 
-Each row is one case (model, batch, prompt and output length) with the
-repeats' median, min, max and coefficient of variation of TTFT and TPOT, the
-time outside the math, the machine and the load average before and after.
-Cases disturbed by another process (load average above the cores' worth of
-this process) are run again once; the row records how often.
+Each row is one case (model, batch, prompt and output length). Cases are run
+round-robin, ``--rounds`` times, so that each case's runs are spread over the
+whole measurement rather than caught together in one slow phase of a shared
+machine. A row has the fastest round's median (``*_best_s``, what validation
+compares with, as calibration keeps each microbenchmark's fastest pass) and
+the median, min, max and coefficient of variation over all runs of TTFT and
+TPOT, the time outside the math, the machine and the highest load average
+seen. A round disturbed by another process (load average above the cores'
+worth of this process) is run again once; the row records how often.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import os
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,57 +61,88 @@ def _cv(values: list[float]) -> float:
     return statistics.pstdev(values) / statistics.mean(values) if len(values) > 1 else 0.0
 
 
-def measure_case(case: Case, repeats: int) -> dict[str, Any]:
+@dataclass
+class _Samples:
+    """What the rounds of one case measured so far."""
+
+    ttft: list[list[float]] = field(default_factory=list)  # per round, its repeats
+    tpot: list[list[float]] = field(default_factory=list)
+    details: list[dict[str, Any]] = field(default_factory=list)  # per round, from the executor
+    loads: list[tuple[float, float]] = field(default_factory=list)
+    reruns: int = 0
+
+    def row(self, case: Case) -> dict[str, Any]:
+        ttft = [t for r in self.ttft for t in r]
+        tpot = [t for r in self.tpot for t in r]
+        best = min(range(len(self.ttft)), key=lambda i: statistics.median(self.ttft[i]))
+        detail = self.details[best]
+        return {
+            "case": case.key, "model": case.model, "batch": case.batch, "input_len": case.input_len,
+            "output_len": case.output_len, "rounds": len(self.ttft), "repeats": len(ttft),
+            "ttft_best_s": min(statistics.median(r) for r in self.ttft),
+            "ttft_median_s": statistics.median(ttft), "ttft_min_s": min(ttft), "ttft_max_s": max(ttft),
+            "ttft_cv": _cv(ttft),
+            "tpot_best_s": min(statistics.median(r) for r in self.tpot),
+            "tpot_median_s": statistics.median(tpot), "tpot_min_s": min(tpot), "tpot_max_s": max(tpot),
+            "tpot_cv": _cv(tpot),
+            "e2e_median_s": detail["e2e_s"],
+            "dispatch_prefill_s": detail["dispatch_s_per_step"]["prefill"],
+            "dispatch_decode_s": detail["dispatch_s_per_step"]["decode"],
+            "kernels_decode": detail["kernels_per_step"]["decode"],
+            "peak_memory_bytes": detail["peak_memory_bytes"],
+            "load_before": round(max(load[0] for load in self.loads), 2),
+            "load_after": round(max(load[1] for load in self.loads), 2),
+            "reruns": self.reruns,
+        }
+
+
+def run(cases: list[Case], out: Path, repeats: int, rounds: int = 3) -> list[dict[str, Any]]:
+    """Measure every case ``rounds`` times, round-robin, ``repeats`` timed runs a round.
+
+    The machine's speed drifts for seconds at a time; back-to-back repeats all land in the
+    same phase, so their spread says nothing about it. Rounds spread each case's runs over
+    the whole measurement, and ``*_best_s`` (the fastest round's median, as calibration keeps
+    a microbenchmark's fastest pass) is the undisturbed machine's time.
+    """
+    from simulator.specs.loader import load_model
     from validation.executor.harness import execute
-
-    result = execute(case.model, batch=case.batch, input_len=case.input_len,
-                     output_len=case.output_len, repeats=repeats)
-    ttft = [r.ttft_s for r in result.repeats]
-    tpot = [r.tpot_s for r in result.repeats if r.tpot_s is not None]
-    data = result.to_dict()
-    return {
-        "case": case.key, "model": case.model, "batch": case.batch, "input_len": case.input_len,
-        "output_len": case.output_len, "repeats": len(ttft),
-        "ttft_median_s": statistics.median(ttft), "ttft_min_s": min(ttft), "ttft_max_s": max(ttft),
-        "ttft_cv": _cv(ttft),
-        "tpot_median_s": statistics.median(tpot), "tpot_min_s": min(tpot), "tpot_max_s": max(tpot),
-        "tpot_cv": _cv(tpot),
-        "e2e_median_s": result.e2e_s,
-        "dispatch_prefill_s": data["dispatch_s_per_step"]["prefill"],
-        "dispatch_decode_s": data["dispatch_s_per_step"]["decode"],
-        "kernels_decode": data["kernels_per_step"]["decode"],
-        "peak_memory_bytes": data["peak_memory_bytes"],
-    }
-
-
-def run(cases: list[Case], out: Path, repeats: int) -> list[dict[str, Any]]:
     from validation.executor.machine import machine_info
+    from validation.executor.weights import init_weights
 
     info = machine_info("numpy", "cpu")
     cores = os.cpu_count() or 1
-    rows = []
+    samples = {case: _Samples() for case in cases}
+    specs = {name: load_model(name) for name in dict.fromkeys(case.model for case in cases)}
+    weights: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
     out.parent.mkdir(parents=True, exist_ok=True)
     with Progress() as progress:
-        task = progress.add_task("measuring", total=len(cases))
-        for case in cases:
-            progress.update(task, description=case.key)
-            reruns = 0
-            while True:
-                load_before = os.getloadavg()[0]
-                row = measure_case(case, repeats)
-                load_after = os.getloadavg()[0]
-                # This process keeps at most `cores` busy; more than one core's worth beyond
-                # that means someone else was running.
-                disturbed = load_after > cores + 1.0
-                if not disturbed or reruns >= 1:
-                    break
-                reruns += 1
-            row.update({"load_before": round(load_before, 2), "load_after": round(load_after, 2),
-                        "reruns": reruns, "cpu": info.get("cpu_model", ""),
-                        "cores": info.get("usable_cores", cores)})
-            rows.append(row)
-            progress.advance(task)
-            with open(out, "w", newline="") as handle:  # write as we go: a long run survives a stop
+        task = progress.add_task("measuring", total=len(cases) * rounds)
+        for index in range(rounds):
+            for case in cases:
+                progress.update(task, description=f"round {index + 1}/{rounds} {case.key}")
+                if case.model not in weights:
+                    weights[case.model] = init_weights(specs[case.model])
+                record = samples[case]
+                for attempt in range(2):
+                    load_before = os.getloadavg()[0]
+                    result = execute(specs[case.model], batch=case.batch, input_len=case.input_len,
+                                     output_len=case.output_len, repeats=repeats,
+                                     weights=weights[case.model])
+                    load_after = os.getloadavg()[0]
+                    # This process keeps at most `cores` busy; more than one core's worth beyond
+                    # that means someone else was running: run the round again, once.
+                    if load_after <= cores + 1.0 or attempt == 1:
+                        break
+                    record.reruns += 1
+                record.ttft.append([r.ttft_s for r in result.repeats])
+                record.tpot.append([r.tpot_s for r in result.repeats if r.tpot_s is not None])
+                record.details.append({**result.to_dict(), "e2e_s": result.e2e_s})
+                record.loads.append((load_before, load_after))
+                progress.advance(task)
+            rows = [{**samples[case].row(case), "cpu": info.get("cpu_model", ""),
+                     "cores": info.get("usable_cores", cores)} for case in cases]
+            with open(out, "w", newline="") as handle:  # after every round: a long run survives a stop
                 writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
@@ -119,11 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=("quick", "full"), default="quick")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--repeats", type=int, help="timed runs per case (default: quick 2, full 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="passes over all cases, spreading each case's runs in time (default 3)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per case and round (default 1)")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.repeats < 1:
+        parser.error("--rounds and --repeats must be at least 1")
     cases = suite(args.suite)
-    repeats = args.repeats or (2 if args.suite == "quick" else 3)
-    rows = run(cases, args.out, repeats)
+    rows = run(cases, args.out, args.repeats, args.rounds)
     print(f"wrote {len(rows)} cases to {args.out}", file=sys.stderr)
     return 0
 

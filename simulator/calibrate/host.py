@@ -220,6 +220,16 @@ class Points:
         name = "+".join(op.name for op in group)
         self.raw.append({"op": name, "kind": group[0].kind, "seconds": seconds, **raw})
 
+    def best_of(self, other: Points) -> Points:
+        """Point by point, the faster of two passes over the same microbenchmarks."""
+        if [r["op"] for r in self.raw] != [r["op"] for r in other.raw]:
+            raise ValueError("passes ran different microbenchmarks")
+        best = Points()
+        for ops, mine, theirs, raw in zip(self.ops, self.measured_s, other.measured_s, self.raw, strict=True):
+            best.add(ops, min(mine, theirs), **{k: v for k, v in raw.items()
+                                                 if k not in ("op", "kind", "seconds")})
+        return best
+
 
 def _ops_at(tokens: int, phase: str = "decode", context: int = 1, new: int = 1) -> dict[str, Op]:
     if phase == "decode":
@@ -443,14 +453,24 @@ def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
     progress("memory streams")
     stream = bench_stream(host, quick)
     dram = max(r["bandwidth"] for r in stream if r["bytes"] >= 4 * (host.l3_bytes or 32 * 2**20))
-    progress("dispatch cost")
-    dispatch = bench_dispatch()
-    executor_dispatch = bench_executor_dispatch()
-    progress("GEMMs")
-    points = Points()
-    bench_gemms(points, host, quick)
-    progress("executor kernels")
-    bench_kernels(points, host, quick)
+    # The machine's speed drifts for seconds at a time (a neighbour on the other hyperthread,
+    # the host's clocks), longer than one microbenchmark's rounds. Each pass runs every
+    # microbenchmark once; a point keeps its best pass, as `validation.measure` keeps a case's
+    # best round, so both sides see the undisturbed machine.
+    passes = 3
+    dispatch, dispatches, points = float("inf"), [], Points()
+    for index in range(passes):
+        label = f" (pass {index + 1} of {passes})"
+        progress("dispatch cost" + label)
+        dispatch = min(dispatch, bench_dispatch())
+        dispatches.append(bench_executor_dispatch())
+        progress("GEMMs" + label)
+        this = Points()
+        bench_gemms(this, host, quick)
+        progress("executor kernels" + label)
+        bench_kernels(this, host, quick)
+        points = this if index == 0 else points.best_of(this)
+    executor_dispatch = min(dispatches, key=lambda d: d["dispatch_s_per_kernel"])
     progress("disk and shared memory")
     disk = bench_disk(Path(scratch or tempfile.gettempdir()), quick)
     shm_rows = bench_shared_memory(quick)
@@ -479,7 +499,7 @@ def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
         update={"kernel_overhead": overhead})})
 
     command = "infersim calibrate --out OUT" + (" --quick" if quick else "")
-    info = {**info, "executor_dispatch": executor_dispatch}
+    info = {**info, "executor_dispatch": executor_dispatch, "passes": passes}
     document = _yaml_document(fitted, info, host, command, quick, stream, dram, dispatch, disk,
                               shm_rows, shm_latency, shm_bandwidth, points, load_before, load_after)
     return document, fitted

@@ -43,7 +43,7 @@ from validation.executor.results import (
     StepRecord,
     op_breakdown,
 )
-from validation.executor.weights import check_supported, init_weights
+from validation.executor.weights import ModelWeights, check_supported, init_weights
 
 BACKENDS = ("numpy", "torch")
 
@@ -175,14 +175,19 @@ def execute(
     repeats: int = 3,
     warmup: int = 1,
     seed: int = 0,
+    weights: ModelWeights | None = None,
 ) -> ExecutionResult:
-    """Run ``warmup`` + ``repeats`` greedy generations of ``batch`` random prompts; medians and noise."""
+    """Run ``warmup`` + ``repeats`` greedy generations of ``batch`` random prompts; medians and noise.
+
+    ``weights`` (from ``init_weights(spec, seed)``) saves building them again when one model
+    runs many cases.
+    """
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     check_supported(spec)
     _check_shape(spec, batch, input_len, output_len, repeats)
     runtime_backend = make_backend(backend, device, dtype)
     _check_fits(spec, runtime_backend, batch, input_len, output_len)
-    runtime = Transformer(spec, runtime_backend, init_weights(spec, seed))
+    runtime = Transformer(spec, runtime_backend, weights or init_weights(spec, seed))
     prompt = prompt_tokens(spec.vocab_size, batch, input_len, seed)
     cache = runtime.new_cache(batch, input_len + output_len - 1)
     memory = _measured_warmup(runtime, prompt, output_len, cache)
