@@ -1,4 +1,4 @@
-"""The ``infersim`` command: estimate, info, list, roofline.
+"""The ``infersim`` command: estimate, plan, info, list, roofline, calibrate, execute, validate.
 
 Every user error (bad spec, unknown name, plan that does not fit) prints one
 line on stderr and exits with code 2; ``--json`` prints machine-readable
@@ -43,6 +43,47 @@ def _add_shape(parser: argparse.ArgumentParser) -> None:
                         help="quantization group size of integer dtypes (default 128)")
 
 
+def _add_strategy(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("memory-hierarchy strategies")
+    group.add_argument("--offload-weights", metavar="TIER=F,...",
+                       help="fraction of every layer's weights on host/disk, e.g. host=0.5,disk=0.2 "
+                            "(the device keeps the rest)")
+    group.add_argument("--layers-on-device", type=int, metavar="N",
+                       help="llama.cpp-style split: the first N layers on the device, the rest on the host")
+    group.add_argument("--offload-kv", metavar="host=F", help="fraction of the KV cache in host memory")
+    group.add_argument("--no-prefetch", action="store_true",
+                       help="do not overlap the next layer's transfers with this layer's compute")
+    group.add_argument("--host-compute", action="store_true",
+                       help="run the layers whose weights are off the device on the host CPU instead "
+                            "of moving them (CPU-GPU hybrid)")
+    group.add_argument("--kv-policy", default="full", choices=("full", "window", "streaming", "h2o"),
+                       help="KV eviction: keep a budget of recent tokens, sinks + window, or heavy hitters")
+    group.add_argument("--kv-budget", type=float,
+                       help="tokens kept per sequence (> 1) or a fraction of the sequence (<= 1)")
+    group.add_argument("--kv-sinks", type=int, default=4,
+                       help="attention sinks kept by --kv-policy streaming (default 4)")
+    group.add_argument("--kv-residual", type=int, default=0,
+                       help="KIVI: recent tokens kept in the activation dtype beside a quantized --kv-dtype")
+
+
+def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``estimate`` keyword arguments for the strategy flags."""
+    from simulator.specs.loader import load_model
+    from simulator.strategies.kv import KVPolicy
+    from simulator.strategies.offload import OffloadPlan
+
+    options: dict[str, Any] = {"kv_residual": args.kv_residual}
+    if args.kv_policy != "full" or args.kv_budget is not None:
+        options["kv_policy"] = KVPolicy(args.kv_policy, args.kv_budget, args.kv_sinks)
+    if (args.offload_weights or args.offload_kv or args.layers_on_device is not None
+            or args.host_compute or args.no_prefetch):
+        options["offload"] = OffloadPlan.build(
+            load_model(args.model), weights=args.offload_weights, kv=args.offload_kv,
+            prefetch=not args.no_prefetch, host_compute=args.host_compute,
+            layers_on_device=args.layers_on_device)
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infersim",
@@ -53,8 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     est = sub.add_parser("estimate", help="latency, throughput, memory and energy of one request shape")
     _add_model_hardware(est)
     _add_shape(est)
+    _add_strategy(est)
     est.add_argument("--ops", action="store_true", help="also print the per-op table")
     est.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    plan = sub.add_parser("plan", help="search weight/KV placement (and batch) over device, host and disk")
+    _add_model_hardware(plan)
+    plan.set_defaults(hardware="workstation-4090")
+    plan.add_argument("--batch", type=int,
+                      help="fix the batch (default: searched for throughput, 1 for latency)")
+    plan.add_argument("--max-batch", type=int, default=1024, help="largest batch searched (default 1024)")
+    plan.add_argument("--input-len", type=int, default=512, help="prompt tokens (default 512)")
+    plan.add_argument("--output-len", type=int, default=128, help="generated tokens (default 128)")
+    plan.add_argument("--weight-dtype", default="bf16", choices=dtypes.WEIGHT_DTYPES)
+    plan.add_argument("--kv-dtype", default=None, choices=dtypes.KV_DTYPES)
+    plan.add_argument("--objective", default="throughput", choices=("throughput", "latency"))
+    plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
     info = sub.add_parser("info", help="parameter counts, KV bytes per token and shape of a model")
     _add_model_hardware(info, hardware=False)
@@ -96,6 +151,7 @@ def _estimate(args: argparse.Namespace):
         args.model, args.hardware, batch=args.batch, input_len=args.input_len,
         output_len=args.output_len, weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype,
         act_dtype=args.act_dtype, attention=args.attention, group_size=args.group_size,
+        **(strategy_options(args) if hasattr(args, "offload_weights") else {}),
     )
 
 
@@ -107,6 +163,26 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from simulator.report.tables import print_estimate
 
     print_estimate(result, ops=args.ops)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from simulator.strategies.plan import search
+
+    choice = search(args.model, args.hardware, input_len=args.input_len, output_len=args.output_len,
+                    objective=args.objective, batch=args.batch, max_batch=args.max_batch,
+                    weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype)
+    if args.json:
+        print(json.dumps(choice.to_dict(), indent=2))
+        return 0
+    from simulator.report.tables import console, print_estimate
+
+    w = choice.plan.to_dict()["weights"]
+    console.print(f"[bold]plan ({choice.objective}, {choice.candidates} batch sizes searched):[/bold] "
+                  f"batch {choice.batch}; weights device {w['device']:.1%}, host {w['host']:.1%}, "
+                  f"disk {w['disk']:.1%}; KV on host {choice.plan.kv_host:.1%}")
+    console.print(f"binding: {', '.join(choice.binding) or 'nothing (everything fits with room)'}")
+    print_estimate(choice.result)
     return 0
 
 
@@ -209,8 +285,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                     Path(args.report) if args.report else None)
 
 
-COMMANDS = {"estimate": cmd_estimate, "info": cmd_info, "list": cmd_list, "roofline": cmd_roofline,
-            "calibrate": cmd_calibrate, "execute": cmd_execute, "validate": cmd_validate}
+COMMANDS = {"estimate": cmd_estimate, "plan": cmd_plan, "info": cmd_info, "list": cmd_list,
+            "roofline": cmd_roofline, "calibrate": cmd_calibrate, "execute": cmd_execute,
+            "validate": cmd_validate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,7 @@ device's capacity, and returns an ``EstimateResult``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from simulator.result import EstimateResult, MemoryUse, PhaseResult
 from simulator.specs.hardware import Device, System
 from simulator.specs.loader import load_model, load_system
 from simulator.specs.model import ModelSpec
+from simulator.strategies.kv import KVPolicy
+from simulator.strategies.offload import OffloadPlan, cost_on_host, step_time, tier_memory
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -59,22 +62,63 @@ def _phase(name: str, costs: list[OpCost]) -> PhaseResult:
 
 
 def memory_use(model: ModelSpec, device: Device, precision: Precision, batch: int,
-               input_len: int, output_len: int, prefill_costs: list[OpCost]) -> MemoryUse:
+               input_len: int, output_len: int, prefill_costs: list[OpCost],
+               kept_model: ModelSpec | None = None) -> MemoryUse:
     """Weights, KV cache for the whole sequence, and the largest live activation set.
 
     Activations: the residual stream of the prefill plus the largest transient
     traffic of any single op of the prefill (for naive attention this counts
     the score matrix's reads and writes, an upper bound on what is live).
+    ``kept_model`` is the model as a KV eviction policy leaves it (a window of
+    kept tokens): the cache holds that many tokens, and the prefill holds one
+    layer's whole prompt before evicting.
     """
+    kept = kept_model or model
     weights = weight_bytes(model, precision)
     kv_per_token = kv_bytes_per_token(model, precision.kv, precision.group_size)
     # The last generated token is sampled, never fed back: its K/V are never written.
-    kv = batch * model.cached_tokens(input_len + output_len - 1) * kv_per_token
+    tokens = kept.cached_tokens(input_len + output_len - 1)
+    kv = batch * tokens * kv_per_token
+    if precision.kv_residual:  # KIVI's recent tokens in the activation dtype
+        extra = model.kv_elements_per_token() * (precision.act_bytes - precision.kv_bytes)
+        kv += batch * min(tokens, precision.kv_residual) * max(extra, 0.0)
     residual = batch * input_len * model.hidden_size * precision.act_bytes
     transient = max(avg(c.op.activation_bytes) for c in prefill_costs)
-    activations = residual + transient
+    evicted = batch * max(0.0, input_len - kept.cached_tokens(input_len)) * kv_per_token / model.num_layers
+    activations = residual + transient + evicted
     return MemoryUse(weights=weights, kv_cache=kv, activations=activations,
                      capacity=device.main_memory.capacity)
+
+
+def _offloaded(phase: PhaseResult, plan: OffloadPlan, system: System, model: ModelSpec,
+               ops: list, host: list[OpCost] | None) -> PhaseResult:
+    step = step_time(plan, system, model, ops, phase.costs, host)
+    # While the device waits on a transfer it idles.
+    wait = max(0.0, step.time_s - phase.time_s - step.host_compute_s)
+    energy = phase.energy_j + wait * system.device.power.idle
+    return dataclasses.replace(phase, time_s=step.time_s, energy_j=energy, bound=step.bound,
+                               compute_s=step.device_compute_s + step.host_compute_s,
+                               transfers_s=step.transfers_s)
+
+
+def _tier_does_not_fit(model: ModelSpec, system: System, tiers: dict, plan: OffloadPlan,
+                       batch: int) -> DoesNotFitError | None:
+    gb = 1e9
+    advice = {
+        "device": "Offload more weights (--offload-weights host=F) or KV (--offload-kv host=F), "
+                  "lower the batch, or use a smaller dtype",
+        "host": "Put part of the weights on disk (--offload-weights disk=F) or keep more on the device",
+        "disk": "Keep more weights in memory or use a larger drive",
+    }
+    for name, tier in tiers.items():
+        if not tier.fits:
+            parts = ", ".join(f"{k} {v / gb:.1f} GB" for k, v in tier.parts.items() if v)
+            return DoesNotFitError(
+                f"{model.name} at batch {batch} under this offload plan needs {tier.used / gb:.1f} GB "
+                f"of {name} memory on {system.name} ({tier.capacity / gb:.1f} GB): "
+                f"{(tier.used - tier.capacity) / gb:.1f} GB over ({parts}). {advice[name]}",
+                required_bytes=tier.used, capacity_bytes=tier.capacity)
+    return None
 
 
 def _does_not_fit(model: ModelSpec, device: Device, precision: Precision, batch: int,
@@ -120,6 +164,9 @@ def estimate(
     group_size: int = dtypes.DEFAULT_GROUP_SIZE,
     decode_samples: int = 16,
     check_memory: bool = True,
+    offload: OffloadPlan | None = None,
+    kv_policy: KVPolicy | None = None,
+    kv_residual: int = 0,
 ) -> EstimateResult:
     """Predict latency, throughput, memory and energy of ``batch`` requests on one device.
 
@@ -128,6 +175,11 @@ def estimate(
     throughput is output tokens per second of e2e. Raises ``DoesNotFitError``
     when the weights, KV cache and activations exceed device memory (unless
     ``check_memory`` is false, which still reports the overrun in ``memory``).
+
+    ``offload`` spreads weights and KV cache over device, host and disk
+    (``simulator.strategies.offload``); ``kv_policy`` evicts KV tokens beyond a
+    budget (``simulator.strategies.kv``); ``kv_residual`` keeps that many recent
+    tokens in the activation dtype when ``kv_dtype`` is quantized (KIVI).
     """
     spec = load_model(model)
     system = load_system(hardware)
@@ -140,6 +192,12 @@ def estimate(
     if attention not in ("flash", "naive"):
         raise InferSimError(f"attention must be 'flash' or 'naive', got {attention!r}")
     precision = resolve_precision(device, weight_dtype, kv_dtype, act_dtype, group_size)
+    if isinstance(kv_residual, bool) or not isinstance(kv_residual, (int, np.integer)) or kv_residual < 0:
+        raise InferSimError(f"kv_residual must be a whole number of tokens, at least 0; got {kv_residual!r}")
+    if kv_residual:
+        precision = dataclasses.replace(precision, kv_residual=int(kv_residual))
+    policy = kv_policy or KVPolicy()
+    plan = offload if offload is not None and (offload.active or offload.host_compute) else None
     warnings = []
     if input_len + output_len > spec.max_position_embeddings:
         warnings.append(
@@ -150,17 +208,44 @@ def estimate(
     prefill_ops = build_step(spec, StepShape("prefill", batch, input_len, float(input_len)),
                              precision, attention)
     prefill = _phase("prefill", cost_ops(prefill_ops, device))
+    on_host = plan is not None and plan.host_compute and plan.weights_off > 0
+    if plan is not None:
+        host = cost_on_host(prefill_ops, system) if on_host else None
+        prefill = _offloaded(prefill, plan, system, spec, prefill_ops, host)
+    kept_model = policy.decode_model(spec, input_len, output_len)
     decode = None
     if output_len > 1:
         contexts = decode_contexts(input_len, output_len, decode_samples)
-        decode_ops = build_step(spec, StepShape("decode", batch, 1, contexts), precision, attention)
+        decode_ops = build_step(kept_model, StepShape("decode", batch, 1, contexts), precision, attention)
+        decode_ops += policy.extra_ops(spec, batch, kept_model.cached_tokens(contexts), precision.act)
         decode = _phase("decode", cost_ops(decode_ops, device))
+        if plan is not None:
+            host = cost_on_host(decode_ops, system) if on_host else None
+            decode = _offloaded(decode, plan, system, spec, decode_ops, host)
 
-    memory = memory_use(spec, device, precision, batch, input_len, output_len, prefill.costs)
-    if check_memory and memory.total > memory.capacity:
+    memory = memory_use(spec, device, precision, batch, input_len, output_len, prefill.costs, kept_model)
+    if plan is not None:
+        embed = (spec.embedding_params() + spec.lm_head_params()) * precision.act_bytes
+        tiers = tier_memory(plan, system, spec, memory.weights - embed, embed, memory.kv_cache,
+                            memory.activations)
+        memory = dataclasses.replace(memory, tiers=tiers)
+        problem = _tier_does_not_fit(spec, system, tiers, plan, batch)
+        if problem is not None and check_memory:
+            raise problem
+        if problem is not None:
+            warnings.append(str(problem).split(":")[0])
+    elif check_memory and memory.total > memory.capacity:
         raise _does_not_fit(spec, device, precision, batch, input_len, output_len, memory)
-    if memory.total > memory.capacity:
+    elif memory.total > memory.capacity:
         warnings.append(f"needs {memory.total / 1e9:.1f} GB of {memory.capacity / 1e9:.1f} GB")
+    strategy: dict = {}
+    if plan is not None:
+        strategy["offload"] = plan.to_dict()
+    if policy.evicts:
+        strategy["kv_policy"] = {"kind": policy.kind, "budget_tokens": kept_model.sliding_window,
+                                 "sinks": policy.sinks if policy.kind == "streaming" else 0}
+    if kv_residual:
+        strategy["kv_residual_tokens"] = int(kv_residual)
 
     return EstimateResult(
         model=spec.name,
@@ -175,4 +260,5 @@ def estimate(
         decode=decode,
         memory=memory,
         warnings=tuple(warnings),
+        strategy=strategy or None,
     )

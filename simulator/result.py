@@ -21,6 +21,10 @@ class PhaseResult:
     energy_j: float
     bound: str
     costs: list[OpCost]
+    compute_s: float | None = None
+    """Time on the device's (and host's) compute alone, where transfers add to it (offloading)."""
+    transfers_s: dict[str, float] | None = None
+    """Per link, the bytes moved in the step over its achievable rate."""
 
     @property
     def power_w(self) -> float:
@@ -59,14 +63,24 @@ class MemoryUse:
     kv_cache: float
     activations: float
     capacity: float
+    tiers: dict[str, Any] | None = None
+    """Under an offload plan, per tier (device, host, disk): ``TierUse`` with used and capacity."""
 
     @property
     def total(self) -> float:
         return self.weights + self.kv_cache + self.activations
 
-    def to_dict(self) -> dict[str, float]:
-        return {"weights": self.weights, "kv_cache": self.kv_cache,
-                "activations": self.activations, "total": self.total, "capacity": self.capacity}
+    @property
+    def device_used(self) -> float:
+        return self.tiers["device"].used if self.tiers else self.total
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"weights": self.weights, "kv_cache": self.kv_cache,
+                               "activations": self.activations, "total": self.total,
+                               "capacity": self.capacity}
+        if self.tiers:
+            out["tiers"] = {name: tier.to_dict() for name, tier in self.tiers.items()}
+        return out
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,8 @@ class EstimateResult:
     decode: PhaseResult | None
     memory: MemoryUse
     warnings: tuple[str, ...] = ()
+    strategy: dict[str, Any] | None = None
+    """Offload plan and KV policy, as given (``None``: everything on the device, full KV)."""
 
     @property
     def decode_steps(self) -> int:
@@ -131,8 +147,13 @@ class EstimateResult:
         def phase(p: PhaseResult | None) -> dict[str, Any] | None:
             if p is None:
                 return None
-            return {"time_s": p.time_s, "bound": p.bound, "energy_j": p.energy_j,
-                    "power_w": p.power_w}
+            out = {"time_s": p.time_s, "bound": p.bound, "energy_j": p.energy_j,
+                   "power_w": p.power_w}
+            if p.transfers_s is not None:
+                compute = p.compute_s if p.compute_s is not None else p.time_s
+                out.update({"compute_s": compute, "transfer_wait_s": max(0.0, p.time_s - compute),
+                            "transfers_s": p.transfers_s})
+            return out
 
         out: dict[str, Any] = {
             "model": self.model,
@@ -156,6 +177,8 @@ class EstimateResult:
             "decode": phase(self.decode),
             "warnings": list(self.warnings),
         }
+        if self.strategy:
+            out["strategy"] = self.strategy
         if ops:
             out["ops"] = self.ops_frame().to_dict(orient="records")
         return out

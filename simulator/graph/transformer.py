@@ -32,6 +32,8 @@ class Precision:
     act: str = "bf16"
     compute: str = "bf16"
     group_size: int = 128
+    kv_residual: int = 0
+    """KIVI: the most recent tokens kept in the activation dtype, the rest in ``kv``."""
 
     @property
     def weight_bytes(self) -> float:
@@ -197,9 +199,14 @@ class _Builder:
 
     def _kv_write(self, width: int, L: int) -> None:
         kv = self.T * width * self.p.kv_bytes
+        read = self.T * width * self.a
+        if self.p.kv_residual:
+            # KIVI: a new token lands in the full-precision residual; each token leaving it is
+            # read back and quantized once, so per token: one full write, one read, one packed write.
+            kv, read = kv + self.T * width * self.a, 2.0 * read
         self.ops.append(Op(
             name="kv_cache_write", kind="cache_write", flops=self.T * width * 1.0,
-            read_bytes=self.T * width * self.a, write_bytes=kv, kv_write_bytes=kv,
+            read_bytes=read, write_bytes=kv, kv_write_bytes=kv,
             dtype=self.p.act, count=L,
         ))
 
@@ -221,7 +228,11 @@ class _Builder:
         flash = self.attention == "flash"
         pairs = step.attended_pairs(causal_skip=flash, window=window) * b * heads
         keys = step.context if window is None else np.minimum(step.context, window + step.new_tokens - 1)
-        kv_bytes = b * keys * kv_width * (self.a if materialised else self.p.kv_bytes)
+        if materialised:
+            kv_bytes = b * keys * kv_width * self.a
+        else:
+            recent = np.minimum(keys, self.p.kv_residual)  # KIVI's full-precision window
+            kv_bytes = b * kv_width * ((keys - recent) * self.p.kv_bytes + recent * self.a)
         kv_read = 0.0 if materialised else kv_bytes
         q_bytes = self.T * heads * qk_dim * self.a
         out_bytes = self.T * heads * v_dim * self.a

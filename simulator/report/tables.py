@@ -41,6 +41,16 @@ def print_estimate(result: EstimateResult, ops: bool = False) -> None:
     m = result.memory
     table.add_row("memory", f"{_gb(m.total)} / {_gb(m.capacity)}",
                   f"weights {_gb(m.weights)}, KV {_gb(m.kv_cache)}, activations {_gb(m.activations)}")
+    for name, tier in (m.tiers or {}).items():
+        parts = ", ".join(f"{k.replace('_', ' ')} {_gb(v)}" for k, v in tier.parts.items() if v)
+        table.add_row(f"  on {name}", f"{_gb(tier.used)} / {_gb(tier.capacity)}", parts)
+    for phase in (result.prefill, result.decode):
+        if phase is not None and phase.transfers_s:
+            moved = ", ".join(f"{k.replace('_', ' ')} {_s(v)}" for k, v in phase.transfers_s.items())
+            wait = phase.time_s - (phase.compute_s or 0.0)
+            table.add_row(f"{phase.phase} transfers", _s(max(wait, 0.0)), f"waiting; {moved}")
+    for key, value in (result.strategy or {}).items():
+        table.add_row("strategy", key.replace("_", " "), str(value))
     console.print(table)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")

@@ -1,0 +1,173 @@
+"""Memory-hierarchy strategies: offloading, plan search, KV eviction and KIVI residuals."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from simulator import estimate
+from simulator.cli import main
+from simulator.errors import DoesNotFitError, InferSimError
+from simulator.graph.ops import avg
+from simulator.specs.loader import load_model, load_system
+from simulator.strategies.kv import KVPolicy
+from simulator.strategies.offload import NON_LAYER_OPS, OffloadPlan, parse_fractions
+from simulator.strategies.plan import search
+
+WS = "workstation-4090"
+SLOW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def run(model="llama-2-7b", hardware=WS, **kw):
+    kw.setdefault("batch", 1)
+    kw.setdefault("input_len", 256)
+    kw.setdefault("output_len", 16)
+    return estimate(model, hardware, **kw)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("gpu=0.5", "unknown tier 'gpu'"),
+    ("host=50", "not a percentage"),
+    ("host=0.7,disk=0.6", "more than 1"),
+    ("host", "TIER=FRACTION"),
+    ("host=abc", "not a number"),
+])
+def test_bad_fractions_name_the_flag_and_the_fix(text, message):
+    with pytest.raises(InferSimError, match=message):
+        parse_fractions(text, ("host", "disk"), "--offload-weights")
+
+
+def test_bad_strategy_flags_exit_2(capsys):
+    assert main(["estimate", "--hardware", WS, "--offload-weights", "gpu=0.5"]) == 2
+    assert main(["estimate", "--kv-policy", "h2o"]) == 2
+    assert main(["estimate", "--hardware", "a100-80gb-sxm", "--offload-weights", "host=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown tier" in err and "--kv-budget" in err and "links.host_device" in err
+    assert main(["estimate", "--model", "llama-2-7b", "--layers-on-device", "40", "--hardware", WS]) == 2
+    assert "between 0 and 32" in capsys.readouterr().err
+
+
+def test_an_empty_plan_changes_nothing():
+    base, same = run(), run(offload=OffloadPlan())
+    assert same.ttft_s == base.ttft_s and same.tpot_s == base.tpot_s
+
+
+def test_offloaded_decode_without_prefetch_adds_the_transfer_by_hand():
+    model, system = load_model("llama-2-7b"), load_system(WS)
+    base = run(batch=4)
+    moved = run(batch=4, offload=OffloadPlan(weights_host=1.0, prefetch=False))
+    layer_weights = sum(avg(c.op.weight_bytes) * c.op.count for c in base.decode.costs
+                        if c.op.name not in NON_LAYER_OPS)
+    link = system.links.host_device
+    transfer = layer_weights / (link.bandwidth * link.efficiency) + model.num_layers * link.latency
+    assert moved.tpot_s == pytest.approx(base.tpot_s + transfer, rel=1e-9)
+    assert moved.to_dict()["decode"]["transfers_s"]["host_to_device"] == pytest.approx(transfer)
+    # The device now holds only the embedding, LM head, one layer's buffer, KV and activations.
+    assert moved.memory.tiers["device"].parts["weights"] < 0.05 * moved.memory.weights
+    assert moved.memory.tiers["host"].parts["weights"] > 0.9 * moved.memory.weights
+
+
+def test_disk_reads_bind_when_the_drive_is_slowest():
+    result = run(model="llama-2-13b", batch=8, offload=OffloadPlan.build(
+        load_model("llama-2-13b"), weights="host=0.3,disk=0.5"))
+    assert result.decode.bound == "disk read"
+    assert set(result.memory.tiers) == {"device", "host", "disk"}
+
+
+@SLOW
+@given(host=st.floats(0, 1), extra=st.floats(0, 1), kv=st.floats(0, 1), batch=st.sampled_from([1, 8, 64]))
+def test_offloading_more_never_uses_more_device_memory(host, extra, kv, batch):
+    more = min(1.0, host + extra)
+    less_plan = OffloadPlan(weights_host=host, kv_host=kv)
+    more_plan = OffloadPlan(weights_host=more, kv_host=kv)
+    a = run(model="llama-2-13b", batch=batch, offload=less_plan, check_memory=False)
+    b = run(model="llama-2-13b", batch=batch, offload=more_plan, check_memory=False)
+    assert b.memory.device_used <= a.memory.device_used * (1 + 1e-12)
+
+
+@SLOW
+@given(host=st.floats(0, 1), disk=st.floats(0, 1), kv=st.floats(0, 1), batch=st.sampled_from([1, 4, 32]),
+       host_compute=st.booleans())
+def test_prefetch_never_makes_a_step_slower(host, disk, kv, batch, host_compute):
+    disk = min(disk, 1.0 - host)
+    kv = 0.0 if host_compute else kv
+    plans = [OffloadPlan(host, disk, kv, prefetch=p, host_compute=host_compute) for p in (True, False)]
+    on, off = (run(model="llama-2-13b", batch=batch, offload=p, check_memory=False) for p in plans)
+    assert on.ttft_s <= off.ttft_s * (1 + 1e-12) and on.tpot_s <= off.tpot_s * (1 + 1e-12)
+
+
+def test_host_compute_runs_off_device_layers_on_the_cpu():
+    model = load_model("llama-2-13b")
+    hybrid = run(model=model, offload=OffloadPlan.build(model, layers_on_device=20, host_compute=True))
+    moved = run(model=model, offload=OffloadPlan.build(model, layers_on_device=20))
+    assert hybrid.decode.bound == "host compute"
+    # At batch 1 the CPU streaming its half of the weights from DDR5 beats moving them over PCIe.
+    assert hybrid.tpot_s < moved.tpot_s
+    everything = run(model=model, offload=OffloadPlan.build(model, layers_on_device=40, host_compute=True),
+                     check_memory=False)
+    assert everything.tpot_s == pytest.approx(run(model=model, check_memory=False).tpot_s)
+
+
+@SLOW
+@given(budget=st.integers(16, 4096), smaller=st.integers(1, 4096),
+       kind=st.sampled_from(["window", "streaming", "h2o"]))
+def test_a_smaller_kv_budget_never_reads_more_bytes(budget, smaller, kind):
+    small = max(8, min(budget, smaller))
+
+    def kv_read(b):
+        result = run(batch=4, input_len=2048, output_len=64, kv_policy=KVPolicy(kind, b), check_memory=False)
+        return sum(avg(c.op.kv_read_bytes) * c.op.count for c in result.decode.costs), result
+    big_bytes, big = kv_read(budget)
+    small_bytes, little = kv_read(small)
+    assert small_bytes <= big_bytes * (1 + 1e-12)
+    assert little.memory.kv_cache <= big.memory.kv_cache * (1 + 1e-12)
+
+
+def test_eviction_bounds_the_cache_and_the_decode_reads():
+    full = run(batch=16, input_len=4096, output_len=256, hardware="a100-80gb-sxm")
+    h2o = run(batch=16, input_len=4096, output_len=256, hardware="a100-80gb-sxm",
+              kv_policy=KVPolicy("h2o", 0.2))
+    budget = h2o.strategy["kv_policy"]["budget_tokens"]
+    assert budget == pytest.approx(0.2 * (4096 + 256), abs=1)
+    assert h2o.memory.kv_cache == pytest.approx(full.memory.kv_cache * budget / (4096 + 255))
+    assert h2o.tpot_s < 0.7 * full.tpot_s
+    assert any(c.op.name == "h2o_scores" for c in h2o.decode.costs)
+    assert h2o.ttft_s == pytest.approx(full.ttft_s)  # prefill attends to the whole prompt
+
+
+def test_kivi_residual_costs_a_little_over_plain_quantization():
+    shape = dict(batch=16, input_len=4096, output_len=256, hardware="a100-80gb-sxm")
+    full, int2 = run(**shape), run(kv_dtype="int2", **shape)
+    kivi = run(kv_dtype="int2", kv_residual=128, **shape)
+    assert int2.memory.kv_cache < kivi.memory.kv_cache < 0.25 * full.memory.kv_cache
+    assert int2.tpot_s < kivi.tpot_s < full.tpot_s
+
+
+def test_plan_search_fits_and_says_what_binds():
+    choice = search("opt-30b", WS, input_len=512, output_len=32)
+    tiers = choice.result.memory.tiers
+    assert all(t.fits for t in tiers.values())
+    assert choice.plan.weights_off > 0.5 and "device memory" in choice.binding
+    latency = search("llama-2-7b", WS, input_len=512, output_len=32, objective="latency")
+    assert latency.batch == 1 and not latency.plan.active  # fits on the device: nothing to move
+    disk_only = search("llama-3.1-405b", WS, input_len=512, output_len=32, batch=1)
+    assert disk_only.plan.weights_disk > 0 and disk_only.result.decode.bound == "disk read"
+    no_drive = load_system(WS).model_copy(update={"storage": None})
+    with pytest.raises(DoesNotFitError, match="fits no placement"):
+        search("llama-3.1-405b", no_drive, input_len=512, output_len=32, batch=1)
+
+
+@SLOW
+@given(model=st.sampled_from(["llama-2-13b", "opt-30b", "mixtral-8x7b", "llama-2-70b"]),
+       input_len=st.sampled_from([128, 1024]), objective=st.sampled_from(["throughput", "latency"]))
+def test_every_plan_the_search_returns_fits(model, input_len, objective):
+    choice = search(model, WS, input_len=input_len, output_len=16, objective=objective, max_batch=256)
+    assert all(t.fits for t in choice.result.memory.tiers.values())
+
+
+def test_plan_cli_json(capsys):
+    assert main(["plan", "--model", "llama-2-13b", "--output-len", "16", "--json"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"]["weights"]["host"] > 0 and out["estimate"]["memory_bytes"]["tiers"]["host"]["used"] > 0
+    assert "transfer_wait_s" in out["estimate"]["decode"]
