@@ -256,3 +256,48 @@ def test_missing_torch_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     with pytest.raises(InferSimError, match="pip install torch"):
         make_backend("torch")
+
+
+def test_disk_offloaded_layers_give_the_same_tokens_and_read_every_step(tmp_path):
+    from simulator.specs.loader import load_model
+    from validation.executor.model import Transformer
+    from validation.executor.numpy_backend import NumpyBackend
+    from validation.executor.weights import init_weights
+
+    spec = load_model("tiny-dense-58m")
+    weights = init_weights(spec)
+    base = execute(spec, batch=2, input_len=16, output_len=4, repeats=1, weights=weights)
+    for prefetch in (True, False):
+        moved = execute(spec, batch=2, input_len=16, output_len=4, repeats=1, weights=weights,
+                        offload_layers=3, prefetch=prefetch)
+        assert moved.output_tokens == base.output_tokens
+        assert "weight_load" in moved.ops["decode"]
+        assert moved.memory.weights_bytes < base.memory.weights_bytes
+    runtime = Transformer(spec, NumpyBackend(), weights)
+    runtime.offload_layers(2, prefetch=False, folder=tmp_path)
+    cache = runtime.new_cache(1, 8)
+    runtime.forward(np.zeros((1, 4), dtype=np.int64), 0, cache)
+    assert runtime.disk.bytes_read == 2 * runtime.disk.layer_bytes
+    folder = runtime.disk.folder
+    runtime.close()
+    assert not folder.exists()
+
+
+def test_kv_window_limits_decode_attention_only():
+    full = execute("tiny-dense-58m", batch=1, input_len=32, output_len=4, repeats=1)
+    wide = execute("tiny-dense-58m", batch=1, input_len=32, output_len=4, repeats=1, kv_window=64)
+    narrow = execute("tiny-dense-58m", batch=1, input_len=32, output_len=4, repeats=1, kv_window=4)
+    assert wide.output_tokens == full.output_tokens  # the window holds the whole sequence
+    assert narrow.output_tokens[0] == full.output_tokens[0]  # prefill is not evicted
+    with pytest.raises(InferSimError, match="offloaded layers"):
+        execute("tiny-dense-58m", batch=1, input_len=8, output_len=2, repeats=1, offload_layers=99)
+
+
+def test_execute_cli_takes_the_strategy_flags(capsys):
+    from simulator.cli import main
+
+    assert main(["execute", "--model", "tiny-dense-58m", "--input-len", "8", "--output-len", "2",
+                 "--repeats", "1", "--offload-weights", "disk=0.5", "--kv-policy", "window",
+                 "--kv-budget", "8", "--json"]) == 0
+    assert main(["execute", "--model", "tiny-dense-58m", "--offload-weights", "host=0.5"]) == 2
+    assert "unknown tier 'host'" in capsys.readouterr().err

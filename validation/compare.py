@@ -25,7 +25,9 @@ import pandas as pd
 
 from simulator.errors import InferSimError
 from simulator.estimate import estimate
-from simulator.specs.loader import load_system
+from simulator.specs.loader import load_model, load_system
+from simulator.strategies.kv import KVPolicy
+from simulator.strategies.offload import OffloadPlan
 
 REQUIRED = ["case", "model", "batch", "input_len", "output_len", "ttft_median_s", "tpot_median_s"]
 EXECUTOR_SETTINGS = {"weight_dtype": "fp32", "kv_dtype": "fp32", "act_dtype": "fp32", "attention": "naive"}
@@ -42,12 +44,27 @@ def read_measurements(path: Path) -> pd.DataFrame:
     return frame
 
 
+def _strategy(row: Any) -> dict[str, Any]:
+    """The executor's strategy columns as ``estimate`` options (absent or 0: none)."""
+    options: dict[str, Any] = {}
+    layers = int(getattr(row, "offload_layers", 0) or 0)
+    if layers:
+        spec = load_model(row.model)
+        prefetch = str(getattr(row, "prefetch", True)).lower() not in ("false", "0", "0.0")
+        options["offload"] = OffloadPlan(weights_disk=layers / spec.num_layers, prefetch=prefetch)
+    window = int(getattr(row, "kv_window", 0) or 0)
+    if window:
+        options["kv_policy"] = KVPolicy("window", window)
+    return options
+
+
 def predict(frame: pd.DataFrame, hardware: str | Path) -> pd.DataFrame:
     system = load_system(hardware)
     rows = []
     for row in frame.itertuples():
         result = estimate(row.model, system, batch=int(row.batch), input_len=int(row.input_len),
-                          output_len=int(row.output_len), check_memory=False, **EXECUTOR_SETTINGS)
+                          output_len=int(row.output_len), check_memory=False, **EXECUTOR_SETTINGS,
+                          **_strategy(row))
         rows.append({"ttft_pred_s": result.ttft_s, "tpot_pred_s": result.tpot_s})
     out = pd.concat([frame.reset_index(drop=True), pd.DataFrame(rows)], axis=1)
     for metric in ("ttft", "tpot"):

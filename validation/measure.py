@@ -1,6 +1,6 @@
 """Run the reference executor over a grid of cases and record medians and noise.
 
-    python -m validation.measure --suite quick|full --out validation/measurements/FILE.csv
+    python -m validation.measure --suite quick|full|strategies --out validation/measurements/FILE.csv
 
 Each row is one case (model, batch, prompt and output length). Cases are run
 round-robin, ``--rounds`` times, so that each case's runs are spread over the
@@ -39,10 +39,18 @@ class Case:
     batch: int
     input_len: int
     output_len: int
+    offload_layers: int = 0  # the last layers' weights on disk, read back every step
+    prefetch: bool = True
+    kv_window: int = 0  # KV eviction: decode attends to the last kv_window tokens (0: all)
 
     @property
     def key(self) -> str:
-        return f"{self.model}/b{self.batch}/p{self.input_len}/g{self.output_len}"
+        key = f"{self.model}/b{self.batch}/p{self.input_len}/g{self.output_len}"
+        if self.offload_layers:
+            key += f"/disk{self.offload_layers}" + ("" if self.prefetch else "-noprefetch")
+        if self.kv_window:
+            key += f"/kvwin{self.kv_window}"
+        return key
 
 
 def suite(name: str) -> list[Case]:
@@ -54,7 +62,15 @@ def suite(name: str) -> list[Case]:
         return [Case(model, batch, prompt, 16)
                 for model, cap in FULL_MODELS for batch in BATCHES for prompt in PROMPTS
                 if batch * prompt <= cap]
-    raise SystemExit(f"unknown suite {name!r}; choose quick or full")
+    if name == "strategies":
+        # Issue 4's strategies as the executor runs them: layers on disk (with and without a
+        # reader thread) and a KV eviction window, on the 16-layer model.
+        offload = [Case("small-dense-250m", batch, 128, 8, layers, prefetch)
+                   for batch in (1, 8) for layers in (4, 8, 16) for prefetch in (True, False)]
+        window = [Case("tiny-dense-58m", batch, 2048, 16, kv_window=w)
+                  for batch in (1, 4) for w in (128, 512)]
+        return offload + window
+    raise SystemExit(f"unknown suite {name!r}; choose quick, full or strategies")
 
 
 def _cv(values: list[float]) -> float:
@@ -78,7 +94,9 @@ class _Samples:
         detail = self.details[best]
         return {
             "case": case.key, "model": case.model, "batch": case.batch, "input_len": case.input_len,
-            "output_len": case.output_len, "rounds": len(self.ttft), "repeats": len(ttft),
+            "output_len": case.output_len, "offload_layers": case.offload_layers,
+            "prefetch": case.prefetch, "kv_window": case.kv_window,
+            "rounds": len(self.ttft), "repeats": len(ttft),
             "ttft_best_s": min(statistics.median(r) for r in self.ttft),
             "ttft_median_s": statistics.median(ttft), "ttft_min_s": min(ttft), "ttft_max_s": max(ttft),
             "ttft_cv": _cv(ttft),
@@ -128,7 +146,8 @@ def run(cases: list[Case], out: Path, repeats: int, rounds: int = 3) -> list[dic
                     load_before = os.getloadavg()[0]
                     result = execute(specs[case.model], batch=case.batch, input_len=case.input_len,
                                      output_len=case.output_len, repeats=repeats,
-                                     weights=weights[case.model])
+                                     weights=weights[case.model], offload_layers=case.offload_layers,
+                                     prefetch=case.prefetch, kv_window=case.kv_window or None)
                     load_after = os.getloadavg()[0]
                     # This process keeps at most `cores` busy; more than one core's worth beyond
                     # that means someone else was running: run the round again, once.
@@ -152,7 +171,7 @@ def run(cases: list[Case], out: Path, repeats: int, rounds: int = 3) -> list[dic
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m validation.measure",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=("quick", "full"), default="quick")
+    parser.add_argument("--suite", choices=("quick", "full", "strategies"), default="quick")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--rounds", type=int, default=3,
                         help="passes over all cases, spreading each case's runs in time (default 3)")

@@ -240,5 +240,22 @@ class System(Spec):
 
     @classmethod
     def single(cls, device: Device) -> System:
-        """A system of one device and nothing else, for estimates on a bare device spec."""
-        return cls(name=device.name, description="a single device", device=device)
+        """A system of one device and nothing else, for estimates on a bare device spec.
+
+        A host calibrated by ``infersim calibrate`` brings the drive it measured as storage:
+        read into a buffer as an offloading runtime reads, written with fsync.
+        """
+        return cls(name=device.name, description="a single device", device=device,
+                   storage=_calibrated_storage(device))
+
+
+def _calibrated_storage(device: Device) -> Storage | None:
+    disk = (device.efficiency.fit or {}).get("disk") if device.type == "cpu" else None
+    if not isinstance(disk, dict):
+        return None
+    read = (disk.get("read_into_buffer") or disk.get("read_16777216") or {}).get("bandwidth")
+    if not read:
+        return None
+    return Storage(name="calibrated local disk", capacity=float(disk.get("free_bytes", 0.0)) or 1e12,
+                   read_bandwidth=float(read), write_bandwidth=float(disk.get("write_bandwidth", read)),
+                   latency=float(disk.get("latency_4k_s", 0.0)))

@@ -20,6 +20,12 @@ device's layers and the host's layers run one after the other, with the
 hidden state crossing the link twice per step, and each layer's KV cache
 stays where its layer runs.
 
+When the device is the host CPU itself (a calibrated host, no host-device
+link), only disk is a lower tier, and its reads are copies the CPU's cores
+make: they cannot hide under compute that already uses every core, so
+prefetch does not overlap them (on the 2-core host a reader thread made steps
+slower, not faster).
+
 Equations in ``docs/model.md`` (Offloading).
 """
 
@@ -154,6 +160,11 @@ class StepTime:
         return max(0.0, self.time_s - self.device_compute_s - self.host_compute_s)
 
 
+def device_is_host(system: System) -> bool:
+    """The device is the host CPU (a calibrated host): no separate host tier or link."""
+    return system.device.type == "cpu" and system.links.host_device is None
+
+
 def _link(system: System, name: str, purpose: str) -> Link:
     link = getattr(system.links, name)
     if link is None:
@@ -257,6 +268,15 @@ def step_time(plan: OffloadPlan, system: System, model: ModelSpec, ops: list[Op]
                         host_compute_s=avg(host_inside),
                         transfers_s={k: avg(v) for k, v in transfers.items()}, bound=bound)
 
+    if device_is_host(system):
+        if plan.weights_host or plan.kv_host or plan.host_compute:
+            raise InferSimError(f"{system.name!r} is a CPU: its memory is the host's, so only disk is a "
+                                "lower tier; use --offload-weights disk=F")
+        stages = [inside] + list(transfers.values())
+        time = outside + sum(stages)  # reads are copies by the same cores: no overlap
+        bound = "disk read" if avg(transfers.get("disk_read", 0.0)) > avg(inside) else "compute"
+        return StepTime(time_s=avg(time), device_compute_s=avg(outside + inside),
+                        transfers_s={k: avg(v) for k, v in transfers.items()}, bound=bound)
     if plan.weights_off > 0 or plan.kv_host > 0:
         link = _link(system, "host_device", "offloading weights or KV cache to the host")
         moved = plan.weights_off * weights + plan.kv_host * kv_read
@@ -306,7 +326,9 @@ def tier_memory(plan: OffloadPlan, system: System, model: ModelSpec, layer_weigh
         parts={"weights": other_weights + plan.weights_device * layer_weights,
                "transfer_buffers": buffers, "kv_cache": kv_device, "activations": activations})}
     kv_on_host = kv_cache - kv_device
-    if plan.weights_host > 0 or kv_on_host > 0 or plan.weights_disk > 0:
+    if device_is_host(system):
+        pass  # the device's memory is the host's; disk reads land in the buffers counted above
+    elif plan.weights_host > 0 or kv_on_host > 0 or plan.weights_disk > 0:
         if system.host is None:
             raise InferSimError(f"system {system.name!r} has no host, which offloading needs; add a host "
                                 "block to the system YAML or choose a system that has one")

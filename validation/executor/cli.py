@@ -41,16 +41,44 @@ def add_execute_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="untimed generations first, the first also measures memory (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="weights and prompt seed (default 0)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    group = parser.add_argument_group("strategies (the same flags as infersim estimate)")
+    group.add_argument("--offload-weights", metavar="disk=F",
+                       help="the last F of the layers (rounded to whole layers) on disk, read back every "
+                            "step with the page cache dropped")
+    group.add_argument("--no-prefetch", action="store_true",
+                       help="read each offloaded layer when the step reaches it, not in a reader thread")
+    group.add_argument("--kv-policy", default="full", choices=("full", "window"),
+                       help="window: decode attends to the last --kv-budget tokens")
+    group.add_argument("--kv-budget", type=int, help="tokens kept by --kv-policy window")
     return parser
 
 
+def strategy_options(args: argparse.Namespace, layers: int) -> dict[str, Any]:
+    """``execute`` keyword arguments for the strategy flags."""
+    from simulator.errors import InferSimError
+    from simulator.strategies.offload import parse_fractions
+
+    options: dict[str, Any] = {"prefetch": not args.no_prefetch}
+    disk = parse_fractions(args.offload_weights, ("disk",), "--offload-weights").get("disk", 0.0)
+    options["offload_layers"] = round(disk * layers)
+    if args.kv_policy == "window":
+        if not args.kv_budget:
+            raise InferSimError("--kv-policy window needs --kv-budget N (tokens kept)")
+        options["kv_window"] = args.kv_budget
+    elif args.kv_budget is not None:
+        raise InferSimError("--kv-budget needs --kv-policy window")
+    return options
+
+
 def cmd_execute(args: argparse.Namespace) -> int:
+    from simulator.specs.loader import load_model
     from validation.executor.harness import execute
 
+    spec = load_model(args.model)
     result = execute(
-        args.model, batch=args.batch, input_len=args.input_len, output_len=args.output_len,
+        spec, batch=args.batch, input_len=args.input_len, output_len=args.output_len,
         backend=args.backend, device=args.device, dtype=args.dtype, repeats=args.repeats,
-        warmup=args.warmup, seed=args.seed,
+        warmup=args.warmup, seed=args.seed, **strategy_options(args, spec.num_layers),
     )
     report = result.to_dict()
     if args.json:

@@ -176,6 +176,9 @@ def execute(
     warmup: int = 1,
     seed: int = 0,
     weights: ModelWeights | None = None,
+    offload_layers: int = 0,
+    prefetch: bool = True,
+    kv_window: int | None = None,
 ) -> ExecutionResult:
     """Run ``warmup`` + ``repeats`` greedy generations of ``batch`` random prompts; medians and noise.
 
@@ -187,7 +190,23 @@ def execute(
     _check_shape(spec, batch, input_len, output_len, repeats)
     runtime_backend = make_backend(backend, device, dtype)
     _check_fits(spec, runtime_backend, batch, input_len, output_len)
+    if not 0 <= offload_layers <= spec.num_layers:
+        raise InferSimError(f"offloaded layers must be between 0 and {spec.num_layers} "
+                            f"({spec.name} has {spec.num_layers}), got {offload_layers}")
+    if kv_window is not None and kv_window < 1:
+        raise InferSimError(f"the KV window must be at least 1 token, got {kv_window}")
     runtime = Transformer(spec, runtime_backend, weights or init_weights(spec, seed))
+    try:
+        if offload_layers:
+            runtime.offload_layers(offload_layers, prefetch)
+        runtime.kv_window = kv_window
+        return _run(runtime, spec, runtime_backend, batch, input_len, output_len, repeats, warmup, seed)
+    finally:
+        runtime.close()
+
+
+def _run(runtime: Transformer, spec: ModelSpec, runtime_backend: Backend, batch: int, input_len: int,
+         output_len: int, repeats: int, warmup: int, seed: int) -> ExecutionResult:
     prompt = prompt_tokens(spec.vocab_size, batch, input_len, seed)
     cache = runtime.new_cache(batch, input_len + output_len - 1)
     memory = _measured_warmup(runtime, prompt, output_len, cache)

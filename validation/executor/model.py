@@ -130,6 +130,30 @@ class Transformer:
         self.act_kind, self.gated = ACTIVATIONS[spec.ffn.activation], spec.ffn.gated
         self._rope: tuple[Any, Any] | None = None
         self._rope_len = 0
+        self.disk: Any = None  # DiskLayers when some layers' weights live on disk
+        self.kv_window: int | None = None  # KV eviction: decode attends to the last kv_window tokens
+
+    def offload_layers(self, layers: int, prefetch: bool, folder: Any = None) -> None:
+        """Put the last ``layers`` layers' weights on disk, read back every step
+        (``validation.executor.offload``)."""
+        from validation.executor.offload import DiskLayers
+
+        if self.ops.name != "numpy":
+            raise ValueError("disk-offloaded layers run on the numpy backend only")
+        if self.disk is not None:
+            self.disk.close()
+        self.disk = DiskLayers(self.weights.layers, layers, prefetch, folder)
+        self.disk.profiler = self.profiler
+        offloaded_params = sum(a.size for layer in self.weights.layers[self.disk.first:]
+                               for _, a in _layer_arrays(layer))
+        self.weights.layers = self.disk.resident + self.disk.templates
+        itemsize = DTYPE_BYTES[self.ops.dtype]
+        self.weight_bytes = (self.weight_bytes - offloaded_params * itemsize) + self.disk.buffer_bytes
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         s = self.spec
@@ -153,7 +177,10 @@ class Transformer:
         if w.position_embedding is not None:
             positions = np.arange(start, start + tokens)
             x = k("position_embedding", self.ops.add_positions, x, w.position_embedding, positions, batch)
-        for index, layer in enumerate(w.layers):
+        if self.disk is not None:
+            self.disk.begin_step()
+        for index in range(len(w.layers)):
+            layer = w.layers[index] if self.disk is None else self.disk.layer(index)
             self._attention(x, layer, index, batch, start, cache)
             h = k("post_attention_norm", self._norm, x, layer.post_attention_norm)
             if layer.moe is not None:
@@ -186,9 +213,12 @@ class Transformer:
         end, k_start = start + tokens, 0
         if cache is not None:
             k("kv_cache_write", ops.write_cache, cache.k[index], cache.v[index], key, value, start)
-            # With a sliding window the step needs only the last window + T - 1 keys.
+            # With a sliding window the step needs only the last window + T - 1 keys; a KV
+            # eviction window applies to decode (prefill attends to the whole prompt).
             if s.sliding_window is not None:
                 k_start = max(0, start - s.sliding_window + 1)
+            if self.kv_window is not None and tokens == 1:
+                k_start = max(k_start, start - self.kv_window + 1)
             key, value = cache.k[index][:, :, k_start:end], cache.v[index][:, :, k_start:end]
         else:
             k_start = start
@@ -221,6 +251,12 @@ class Transformer:
             shared = self._mlp(h, moe.shared, SHARED_NAMES)
             k("expert_combine", ops.add_, out, shared)
         return out
+
+
+def _layer_arrays(layer: LayerWeights) -> list:
+    from validation.executor.offload import _arrays
+
+    return _arrays(layer)
 
 
 MLP_NAMES = ("mlp_up_proj", "mlp_act", "mlp_down_proj")

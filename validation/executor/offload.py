@@ -1,0 +1,166 @@
+"""Layers whose weights live on disk and are read back every step, as an offloading runtime does.
+
+The last ``n`` layers are written once, each to its own file (its arrays back
+to back), and dropped from memory. Every step reads each of them again with
+the page cache told to drop the file first (``posix_fadvise(DONTNEED)``), so
+the read comes from the drive, not from memory. Two layer-sized buffers are
+reused:
+
+* without prefetch, ``layer(i)`` reads layer ``i`` when the step reaches it;
+* with prefetch, a reader thread reads the next offloaded layer into the
+  other buffer while the current one computes (file reads and BLAS both
+  release the GIL), and the first offloaded layer's read starts with the
+  step, under the resident layers' compute.
+
+Time the step spends waiting for a read is recorded as the op ``weight_load``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from validation.executor.weights import LayerWeights
+
+CHUNK = 16 * 2**20  # bytes per read call, as calibration's disk benchmark reads
+
+
+def _arrays(obj: Any, path: tuple = ()) -> list[tuple[tuple, np.ndarray]]:
+    """Every array in a layer's weight tree with its path of field names and list indices."""
+    if isinstance(obj, np.ndarray):
+        return [(path, obj)]
+    if isinstance(obj, list):
+        return [item for i, value in enumerate(obj) for item in _arrays(value, (*path, i))]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [item for f in dataclasses.fields(obj)
+                for item in _arrays(getattr(obj, f.name), (*path, f.name))]
+    return []
+
+
+def _rebuild(obj: Any, views: dict[tuple, np.ndarray], path: tuple = ()) -> Any:
+    if isinstance(obj, np.ndarray):
+        return views[path]
+    if isinstance(obj, list):
+        return [_rebuild(value, views, (*path, i)) for i, value in enumerate(obj)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _rebuild(getattr(obj, f.name), views, (*path, f.name))
+                                           for f in dataclasses.fields(obj)})
+    return obj
+
+
+def _placeholder(obj: Any) -> Any:
+    """The layer with each array replaced by an empty one of the same dtype (shape kept aside)."""
+    return _rebuild(obj, {p: np.empty(0, a.dtype) for p, a in _arrays(obj)})
+
+
+class DiskLayers:
+    """The model's layer list, with ``offloaded`` layers served from files."""
+
+    def __init__(self, layers: list[LayerWeights], offloaded: int, prefetch: bool,
+                 folder: Path | None = None):
+        if not 0 <= offloaded <= len(layers):
+            raise ValueError(f"offloaded layers must be between 0 and {len(layers)}")
+        self.count = len(layers)
+        self.first = len(layers) - offloaded
+        self.prefetch = prefetch
+        self.resident = layers[:self.first]
+        self.folder = Path(tempfile.mkdtemp(prefix="infersim-layers-", dir=folder))
+        self.files: list[Path] = []
+        self.layouts: list[list[tuple[tuple, tuple[int, ...], np.dtype, int]]] = []
+        self.templates: list[LayerWeights] = []
+        size = 0
+        for index, layer in enumerate(layers[self.first:], start=self.first):
+            path = self.folder / f"layer-{index}.bin"
+            layout, offset = [], 0
+            with open(path, "wb") as handle:
+                for key, array in _arrays(layer):
+                    data = np.ascontiguousarray(array)
+                    handle.write(data.tobytes())
+                    layout.append((key, data.shape, data.dtype, offset))
+                    offset += data.nbytes
+                handle.flush()
+                os.fsync(handle.fileno())
+            self.files.append(path)
+            self.layouts.append(layout)
+            self.templates.append(_placeholder(layer))
+            size = max(size, offset)
+        self.layer_bytes = size
+        self.buffers = [np.empty(size, np.uint8) for _ in range(2 if offloaded else 0)]
+        self.pool = ThreadPoolExecutor(max_workers=1) if prefetch and offloaded else None
+        self.pending: dict[int, Future] = {}
+        self.profiler: Any = None
+        self.bytes_read = 0
+
+    @property
+    def offloaded(self) -> int:
+        return self.count - self.first
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _read(self, index: int) -> LayerWeights:
+        slot = index - self.first
+        buffer = self.buffers[slot % 2]
+        fd = os.open(self.files[slot], os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            view, done = memoryview(buffer), 0
+            with os.fdopen(os.dup(fd), "rb", buffering=0) as handle:
+                while done < self.layer_bytes:
+                    got = handle.readinto(view[done:done + CHUNK])
+                    if not got:
+                        break
+                    done += got
+        finally:
+            os.close(fd)
+        self.bytes_read += done
+        views = {key: buffer[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+                 for key, shape, dtype, offset in self.layouts[slot]}
+        return _rebuild(self.templates[slot], views)
+
+    def begin_step(self) -> None:
+        """Start reading the first offloaded layer (prefetch), under the resident layers."""
+        if self.pool is not None and self.first < self.count and self.first not in self.pending:
+            self.pending[self.first] = self.pool.submit(self._read, self.first)
+
+    def layer(self, index: int) -> LayerWeights:
+        if index < self.first:
+            return self.resident[index]
+        if self.pool is None:
+            return self._load(lambda: self._read(index))
+        future = self.pending.pop(index, None) or self.pool.submit(self._read, index)
+        layer = self._load(future.result)
+        if index + 1 < self.count:
+            # Layer index's buffer is busy until it has computed; index + 1 goes to the other one.
+            self.pending[index + 1] = self.pool.submit(self._read, index + 1)
+        return layer
+
+    def _load(self, fn: Any) -> LayerWeights:
+        if self.profiler is None:
+            return fn()
+        return self.profiler("weight_load", fn)
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.result()
+        self.pending.clear()
+        if self.pool is not None:
+            self.pool.shutdown()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        except Exception:
+            pass
