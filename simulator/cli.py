@@ -56,6 +56,14 @@ def _add_strategy(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--host-compute", action="store_true",
                        help="run the layers whose weights are off the device on the host CPU instead "
                             "of moving them (CPU-GPU hybrid)")
+    group.add_argument("--expert-cache", type=float, metavar="F",
+                       help="MoE: fraction of each layer's experts held on the device (the rest on the host)")
+    group.add_argument("--routing-skew", type=float, default=0.0,
+                       help="MoE: Zipf exponent of expert popularity (default 0, uniform)")
+    group.add_argument("--expert-prefetch", type=float, default=0.0, metavar="A",
+                       help="MoE: share of missed experts predicted and fetched a layer ahead (default 0)")
+    group.add_argument("--experts-on-host", action="store_true",
+                       help="MoE: compute missed experts on the host CPU instead of fetching them")
     group.add_argument("--kv-policy", default="full", choices=("full", "window", "streaming", "h2o"),
                        help="KV eviction: keep a budget of recent tokens, sinks + window, or heavy hitters")
     group.add_argument("--kv-budget", type=float,
@@ -76,11 +84,13 @@ def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.kv_policy != "full" or args.kv_budget is not None:
         options["kv_policy"] = KVPolicy(args.kv_policy, args.kv_budget, args.kv_sinks)
     if (args.offload_weights or args.offload_kv or args.layers_on_device is not None
-            or args.host_compute or args.no_prefetch):
+            or args.host_compute or args.no_prefetch or args.expert_cache is not None):
         options["offload"] = OffloadPlan.build(
             load_model(args.model), weights=args.offload_weights, kv=args.offload_kv,
             prefetch=not args.no_prefetch, host_compute=args.host_compute,
-            layers_on_device=args.layers_on_device)
+            layers_on_device=args.layers_on_device, expert_cache=args.expert_cache,
+            routing_skew=args.routing_skew, expert_prefetch=args.expert_prefetch,
+            experts_on_host=args.experts_on_host)
     return options
 
 
@@ -110,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--kv-dtype", default=None, choices=dtypes.KV_DTYPES)
     plan.add_argument("--objective", default="throughput", choices=("throughput", "latency"))
     plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    run = sub.add_parser("run", help="estimate a scenario YAML (model, hardware, workload, strategy)")
+    run.add_argument("scenario", help="scenario file; see workloads/scenarios/ and simulator/scenario.py")
+    run.add_argument("--ops", action="store_true", help="also print the per-op table")
+    run.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
     info = sub.add_parser("info", help="parameter counts, KV bytes per token and shape of a model")
     _add_model_hardware(info, hardware=False)
@@ -157,6 +172,19 @@ def _estimate(args: argparse.Namespace):
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     result = _estimate(args)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    from simulator.report.tables import print_estimate
+
+    print_estimate(result, ops=args.ops)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from simulator.scenario import run_scenario
+
+    result = run_scenario(args.scenario)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -285,7 +313,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                     Path(args.report) if args.report else None)
 
 
-COMMANDS = {"estimate": cmd_estimate, "plan": cmd_plan, "info": cmd_info, "list": cmd_list,
+COMMANDS = {"estimate": cmd_estimate, "run": cmd_run, "plan": cmd_plan, "info": cmd_info, "list": cmd_list,
             "roofline": cmd_roofline, "calibrate": cmd_calibrate, "execute": cmd_execute,
             "validate": cmd_validate}
 

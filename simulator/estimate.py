@@ -226,8 +226,12 @@ def estimate(
     memory = memory_use(spec, device, precision, batch, input_len, output_len, prefill.costs, kept_model)
     if plan is not None:
         embed = (spec.embedding_params() + spec.lm_head_params()) * precision.act_bytes
+        experts = 0.0
+        if spec.moe is not None:
+            experts = (spec.num_moe_layers * spec.moe.num_experts
+                       * spec.ffn_params(spec.moe.expert_intermediate_size) * precision.weight_bytes)
         tiers = tier_memory(plan, system, spec, memory.weights - embed, embed, memory.kv_cache,
-                            memory.activations)
+                            memory.activations, experts)
         memory = dataclasses.replace(memory, tiers=tiers)
         problem = _tier_does_not_fit(spec, system, tiers, plan, batch)
         if problem is not None and check_memory:

@@ -171,3 +171,55 @@ def test_plan_cli_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["plan"]["weights"]["host"] > 0 and out["estimate"]["memory_bytes"]["tiers"]["host"]["used"] > 0
     assert "transfer_wait_s" in out["estimate"]["decode"]
+
+
+def test_expert_misses_match_the_graph_under_uniform_routing_and_fall_with_skew():
+    from simulator.graph.transformer import expected_experts_touched
+    from simulator.strategies.offload import expert_misses
+
+    touched, missed = expert_misses(8, 2, 5.0, cached=0, skew=0.0)
+    assert touched == pytest.approx(expected_experts_touched(8, 2, 5.0))
+    assert missed == pytest.approx(touched)
+    _, half = expert_misses(8, 2, 5.0, cached=4, skew=0.0)
+    _, skewed = expert_misses(8, 2, 5.0, cached=4, skew=1.2)
+    assert skewed < half < touched
+    assert expert_misses(8, 2, 5.0, cached=8, skew=0.7)[1] == pytest.approx(0.0)
+
+
+def test_expert_cache_trades_device_memory_for_fetches():
+    shape = dict(model="mixtral-8x7b", weight_dtype="int4", input_len=512, output_len=32)
+    plans = [OffloadPlan(expert_cache=c) for c in (1.0, 0.5, 0.25)]
+    full, half, quarter = (run(offload=p, check_memory=False, **shape) for p in plans)
+    devices = [r.memory.tiers["device"].used for r in (full, half, quarter)]
+    assert devices[0] > devices[1] > devices[2]
+    assert full.tpot_s < half.tpot_s < quarter.tpot_s
+    predicted = run(offload=OffloadPlan(expert_cache=0.5, expert_prefetch=1.0), check_memory=False, **shape)
+    assert predicted.tpot_s < half.tpot_s  # fetches predicted a layer ahead hide under compute
+    skewed = run(offload=OffloadPlan(expert_cache=0.5, routing_skew=1.5), check_memory=False, **shape)
+    assert skewed.tpot_s < half.tpot_s
+    on_cpu = run(offload=OffloadPlan(expert_cache=0.25, experts_on_host=True), check_memory=False, **shape)
+    assert on_cpu.tpot_s < quarter.tpot_s  # at batch 1 the CPU beats moving experts over PCIe
+    with pytest.raises(InferSimError, match="mixture-of-experts"):
+        OffloadPlan.build(load_model("llama-2-7b"), expert_cache=0.5)
+
+
+def test_scenarios_run_and_bad_scenarios_name_the_field(tmp_path, capsys):
+    from pathlib import Path
+
+    from simulator.scenario import run_scenario
+
+    folder = Path(__file__).resolve().parents[1] / "workloads" / "scenarios"
+    for path in sorted(folder.glob("*.yaml")):
+        result = run_scenario(path)
+        assert result.ttft_s > 0 and result.strategy
+    assert main(["run", str(folder / "llama-13b-4090-offload.yaml"), "--json"]) == 0
+    capsys.readouterr()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: llama-2-7b\nhardware: workstation-4090\nstrategy:\n  kv: {polcy: h2o}\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "strategy.kv.polcy" in err and "unknown field" in err
+    bad.write_text("model: llama-2-7b\nhardware: workstation-4090\n"
+                   "strategy:\n  offload: {weights: {host: 1.5}}\n")
+    assert main(["run", str(bad)]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err

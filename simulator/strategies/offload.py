@@ -94,15 +94,30 @@ class OffloadPlan:
     kv_host: float = 0.0
     prefetch: bool = True
     host_compute: bool = False
+    expert_cache: float | None = None
+    """MoE: fraction of each layer's routed experts held on the device (the most popular);
+    the rest live on the host and are fetched when a step routes to them. ``None``: experts
+    are placed like the other weights."""
+    routing_skew: float = 0.0
+    """Zipf exponent of expert popularity (0: uniform routing)."""
+    expert_prefetch: float = 0.0
+    """Share of missed experts predicted a layer ahead and fetched under the previous layer."""
+    experts_on_host: bool = False
+    """Compute missed experts on the host CPU instead of fetching them (HybriMoE, Fiddler)."""
 
     def __post_init__(self) -> None:
-        for name in ("weights_host", "weights_disk", "kv_host"):
+        for name in ("weights_host", "weights_disk", "kv_host", "expert_prefetch"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise InferSimError(f"offload plan: {name} = {value:g} must be between 0 and 1")
         if self.weights_host + self.weights_disk > 1.0 + 1e-9:
             raise InferSimError(f"offload plan: weights on host ({self.weights_host:g}) and disk "
                                 f"({self.weights_disk:g}) add up to more than 1")
+        if self.expert_cache is not None and not 0.0 <= self.expert_cache <= 1.0:
+            raise InferSimError(f"offload plan: expert_cache = {self.expert_cache:g} must be between 0 and 1")
+        if self.routing_skew < 0:
+            raise InferSimError(f"offload plan: routing_skew = {self.routing_skew:g} must be at least 0 "
+                                "(0 is uniform routing)")
         if self.host_compute and self.kv_host:
             raise InferSimError("offload plan: with host compute each layer's KV cache stays where the "
                                 "layer runs; drop the KV offload fraction")
@@ -110,7 +125,8 @@ class OffloadPlan:
     @classmethod
     def build(cls, model: ModelSpec, weights: str | Mapping[str, float] | None = None,
               kv: str | Mapping[str, float] | None = None, prefetch: bool = True,
-              host_compute: bool = False, layers_on_device: int | None = None) -> OffloadPlan:
+              host_compute: bool = False, layers_on_device: int | None = None,
+              **experts: Any) -> OffloadPlan:
         """From CLI-style strings; ``layers_on_device`` (llama.cpp ``-ngl``) puts the other
         layers on the host."""
         w = parse_fractions(weights, WEIGHT_TIERS, "--offload-weights")
@@ -122,8 +138,10 @@ class OffloadPlan:
                 raise InferSimError(f"--layers-on-device must be between 0 and {model.num_layers} "
                                     f"({model.name} has {model.num_layers} layers), got {layers_on_device}")
             w = {"host": 1.0 - layers_on_device / model.num_layers}
+        if experts.get("expert_cache") is not None and model.moe is None:
+            raise InferSimError(f"--expert-cache needs a mixture-of-experts model; {model.name} is dense")
         return cls(weights_host=w.get("host", 0.0), weights_disk=w.get("disk", 0.0),
-                   kv_host=k.get("host", 0.0), prefetch=prefetch, host_compute=host_compute)
+                   kv_host=k.get("host", 0.0), prefetch=prefetch, host_compute=host_compute, **experts)
 
     @property
     def weights_device(self) -> float:
@@ -135,13 +153,62 @@ class OffloadPlan:
 
     @property
     def active(self) -> bool:
-        return self.weights_off > 0 or self.kv_host > 0
+        return self.weights_off > 0 or self.kv_host > 0 or self.expert_cache is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"weights": {"device": self.weights_device, "host": self.weights_host,
-                            "disk": self.weights_disk},
-                "kv_cache": {"device": 1.0 - self.kv_host, "host": self.kv_host},
-                "prefetch": self.prefetch, "host_compute": self.host_compute}
+        out: dict[str, Any] = {
+            "weights": {"device": self.weights_device, "host": self.weights_host, "disk": self.weights_disk},
+            "kv_cache": {"device": 1.0 - self.kv_host, "host": self.kv_host},
+            "prefetch": self.prefetch, "host_compute": self.host_compute}
+        if self.expert_cache is not None:
+            out["experts"] = {"cache": self.expert_cache, "routing_skew": self.routing_skew,
+                              "prefetch": self.expert_prefetch, "misses_on_host": self.experts_on_host}
+        return out
+
+
+EXPERT_OPS = frozenset({"experts_up_proj", "experts_act", "experts_down_proj"})
+
+
+def expert_popularity(num_experts: int, skew: float) -> np.ndarray:
+    """Routing share of each expert, most popular first: Zipf with exponent ``skew``."""
+    ranks = np.arange(1, num_experts + 1, dtype=float)
+    weights = ranks ** -skew
+    return weights / weights.sum()
+
+
+def expert_misses(num_experts: int, top_k: int, tokens: Any, cached: int, skew: float) -> tuple[Any, Any]:
+    """Expected (touched, missed) experts of one layer for ``tokens`` tokens routing top-k.
+
+    Each token picks expert ``i`` with probability ``p_i = min(1, k w_i)`` (``w``: popularity);
+    ``P(i touched) = 1 - (1 - p_i)^T``. The cache holds the ``cached`` most popular experts
+    (a frequency-ordered cache at steady state); the others are misses. Uniform routing gives
+    the graph's ``E (1 - (1 - k/E)^T)`` touched experts.
+    """
+    p = np.minimum(1.0, top_k * expert_popularity(num_experts, skew))
+    t = np.asarray(tokens, float)[..., None]
+    touched_each = 1.0 - (1.0 - p) ** t
+    touched = touched_each.sum(axis=-1)
+    missed = touched_each[..., cached:].sum(axis=-1)
+    return touched, missed
+
+
+def _expert_terms(plan: OffloadPlan, model: ModelSpec, ops: list[Op], costs: list[OpCost]) -> dict[str, Any]:
+    """Bytes and device time of the routed experts this step, and the share that misses the cache."""
+    moe = model.moe
+    weights: Any = 0.0
+    device: Any = 0.0
+    tokens: Any = 1.0
+    for op, cost in zip(ops, costs, strict=True):
+        if op.name in EXPERT_OPS:
+            weights = weights + op.weight_bytes * op.count
+            device = device + cost.total_s
+        if op.name == "router" and op.shape is not None:
+            tokens = op.shape[0]
+    if moe is None or plan.expert_cache is None:
+        return {"weights": weights, "device_s": device, "miss_share": 0.0}
+    cached = int(round(plan.expert_cache * moe.num_experts))
+    touched, missed = expert_misses(moe.num_experts, moe.top_k, tokens, cached, plan.routing_skew)
+    return {"weights": weights, "device_s": device, "miss_share": missed / np.maximum(touched, 1e-12)}
 
 
 @dataclass(frozen=True)
@@ -277,17 +344,43 @@ def step_time(plan: OffloadPlan, system: System, model: ModelSpec, ops: list[Op]
         bound = "disk read" if avg(transfers.get("disk_read", 0.0)) > avg(inside) else "compute"
         return StepTime(time_s=avg(time), device_compute_s=avg(outside + inside),
                         transfers_s={k: avg(v) for k, v in transfers.items()}, bound=bound)
-    if plan.weights_off > 0 or plan.kv_host > 0:
-        link = _link(system, "host_device", "offloading weights or KV cache to the host")
+    experts = _expert_terms(plan, model, ops, costs)
+    on_demand: Any = 0.0  # missed experts fetched when the router has chosen them: not overlapped
+    host_experts: Any = 0.0
+    if plan.expert_cache is not None:
+        # Experts follow the cache, not the weight fractions; their disk share stays on the host.
+        weights = weights - experts["weights"]
+        if "disk_read" in transfers:
+            transfers["disk_read"] = plan.weights_disk * weights / disk_rate
+    if plan.weights_off > 0 or plan.kv_host > 0 or plan.expert_cache is not None:
+        link = _link(system, "host_device", "offloading weights, experts or KV cache to the host")
         moved = plan.weights_off * weights + plan.kv_host * kv_read
+        if plan.expert_cache is not None:
+            missed = experts["weights"] * experts["miss_share"]
+            if plan.experts_on_host:
+                # Missed experts run on the CPU while the device runs the cached ones.
+                host_share = cost_on_host([op for op in ops if op.name in EXPERT_OPS], system)
+                host_experts = sum(c.total_s for c in host_share) * experts["miss_share"]
+                device_hits = experts["device_s"] * (1.0 - experts["miss_share"])
+                on_demand = np.maximum(0.0, host_experts - device_hits)
+                inside = inside - experts["device_s"] * experts["miss_share"]
+            else:
+                moved = moved + plan.expert_prefetch * missed
+                fetched = (1.0 - plan.expert_prefetch) * missed
+                on_demand = fetched / _rate(link) + model.num_moe_layers * link.latency * (fetched > 0)
         transfers["host_to_device"] = moved / _rate(link) + layers * link.latency
         if plan.kv_host > 0:
             transfers["device_to_host"] = plan.kv_host * kv_write / _rate(link) + layers * link.latency
     stages = [inside] + list(transfers.values())
-    time = outside + pipeline(stages, layers, plan.prefetch)
-    names = ["compute"] + [k.replace("_", " ") for k in transfers]
+    time = outside + pipeline(stages, layers, plan.prefetch) + on_demand
+    if plan.expert_cache is not None and not plan.experts_on_host:
+        transfers["expert_fetch_on_demand"] = on_demand
+    names = ["compute"] + [k.replace("_", " ") for k in transfers if k != "expert_fetch_on_demand"]
     bound = names[int(np.argmax([avg(s) for s in stages]))]
+    if avg(on_demand) > max(avg(s) for s in stages):
+        bound = "host experts" if plan.experts_on_host else "expert fetch"
     return StepTime(time_s=avg(time), device_compute_s=avg(outside + inside),
+                    host_compute_s=avg(host_experts),
                     transfers_s={k: avg(v) for k, v in transfers.items()}, bound=bound)
 
 
@@ -314,9 +407,21 @@ class TierUse:
 
 
 def tier_memory(plan: OffloadPlan, system: System, model: ModelSpec, layer_weights: float,
-                other_weights: float, kv_cache: float, activations: float) -> dict[str, TierUse]:
-    """Bytes held on each tier under ``plan``; prefetch double-buffers one layer's moved weights."""
+                other_weights: float, kv_cache: float, activations: float,
+                expert_weights: float = 0.0) -> dict[str, TierUse]:
+    """Bytes held on each tier under ``plan``; prefetch double-buffers one layer's moved weights.
+
+    With an expert cache, ``expert_weights`` (all routed experts, all layers) are split by the
+    cache fraction instead of the weight fractions, plus one layer's worth of fetched experts.
+    """
     device = system.device.main_memory.capacity
+    expert_device = expert_host = expert_buffer = 0.0
+    if plan.expert_cache is not None and expert_weights:
+        layer_weights -= expert_weights
+        expert_device = plan.expert_cache * expert_weights
+        expert_host = expert_weights - expert_device
+        expert_buffer = 0.0 if plan.experts_on_host else expert_host / max(model.num_moe_layers, 1)
+        other_weights += expert_device + expert_buffer
     per_layer_off = plan.weights_off * layer_weights / model.num_layers
     buffers = 0.0 if plan.host_compute else (2.0 if plan.prefetch else 1.0) * per_layer_off
     kv_device = kv_cache * (plan.weights_device if plan.host_compute else 1.0 - plan.kv_host)
@@ -328,15 +433,15 @@ def tier_memory(plan: OffloadPlan, system: System, model: ModelSpec, layer_weigh
     kv_on_host = kv_cache - kv_device
     if device_is_host(system):
         pass  # the device's memory is the host's; disk reads land in the buffers counted above
-    elif plan.weights_host > 0 or kv_on_host > 0 or plan.weights_disk > 0:
+    elif plan.weights_host > 0 or kv_on_host > 0 or plan.weights_disk > 0 or expert_host > 0:
         if system.host is None:
             raise InferSimError(f"system {system.name!r} has no host, which offloading needs; add a host "
                                 "block to the system YAML or choose a system that has one")
         staging = per_layer_off if plan.weights_disk > 0 else 0.0
         tiers["host"] = TierUse(
-            used=plan.weights_host * layer_weights + kv_on_host + staging,
+            used=plan.weights_host * layer_weights + expert_host + kv_on_host + staging,
             capacity=system.host.memory.capacity,
-            parts={"weights": plan.weights_host * layer_weights, "kv_cache": kv_on_host,
+            parts={"weights": plan.weights_host * layer_weights + expert_host, "kv_cache": kv_on_host,
                    "disk_staging": staging})
     if plan.weights_disk > 0:
         assert system.storage is not None

@@ -29,7 +29,7 @@ import numpy as np
 
 from validation.executor.weights import LayerWeights
 
-CHUNK = 16 * 2**20  # bytes per read call, as calibration's disk benchmark reads
+CHUNK = 2**20  # bytes per read call, as calibration's disk benchmark reads
 
 
 def _arrays(obj: Any, path: tuple = ()) -> list[tuple[tuple, np.ndarray]]:
@@ -110,20 +110,11 @@ class DiskLayers:
         return self.count
 
     def _read(self, index: int) -> LayerWeights:
+        from simulator.calibrate.host import read_file_into  # the read calibration times
+
         slot = index - self.first
         buffer = self.buffers[slot % 2]
-        fd = os.open(self.files[slot], os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            view, done = memoryview(buffer), 0
-            with os.fdopen(os.dup(fd), "rb", buffering=0) as handle:
-                while done < self.layer_bytes:
-                    got = handle.readinto(view[done:done + CHUNK])
-                    if not got:
-                        break
-                    done += got
-        finally:
-            os.close(fd)
+        done = read_file_into(self.files[slot], buffer[:self.layer_bytes], CHUNK)
         self.bytes_read += done
         views = {key: buffer[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
                  for key, shape, dtype, offset in self.layouts[slot]}

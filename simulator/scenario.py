@@ -1,0 +1,127 @@
+"""A scenario file: model, hardware, workload and strategy in one YAML, run by ``infersim run``.
+
+```yaml
+model: llama-2-13b                 # shipped name or a path (relative to this file)
+hardware: workstation-4090
+workload: {batch: 8, input_len: 512, output_len: 128}
+precision: {weight_dtype: bf16, kv_dtype: bf16}          # optional
+strategy:                                                 # optional
+  offload: {weights: {host: 0.5, disk: 0.1}, kv: {host: 0.0}, prefetch: true}
+  kv: {policy: h2o, budget: 0.2}
+```
+
+The strategy fields are the ``infersim estimate`` flags: ``offload.weights``
+is ``--offload-weights``, ``offload.layers_on_device`` is
+``--layers-on-device``, ``kv.policy``/``budget``/``sinks``/``residual`` are
+``--kv-policy``/``--kv-budget``/``--kv-sinks``/``--kv-residual``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from simulator import dtypes
+from simulator.errors import InferSimError, SpecError
+from simulator.estimate import estimate
+from simulator.result import EstimateResult
+from simulator.specs.fields import Spec
+from simulator.specs.loader import load_model, read_yaml, validate
+from simulator.strategies.kv import KVPolicy
+from simulator.strategies.offload import OffloadPlan
+
+
+class Workload(Spec):
+    batch: int = Field(1, gt=0)
+    input_len: int = Field(512, gt=0)
+    output_len: int = Field(128, gt=0)
+
+
+class PrecisionChoice(Spec):
+    weight_dtype: str = "bf16"
+    kv_dtype: str | None = None
+    act_dtype: str = "bf16"
+    attention: Literal["flash", "naive"] = "flash"
+    group_size: int = Field(dtypes.DEFAULT_GROUP_SIZE, gt=0)
+
+
+class OffloadChoice(Spec):
+    weights: dict[Literal["host", "disk"], float] = {}
+    kv: dict[Literal["host"], float] = {}
+    layers_on_device: int | None = Field(None, ge=0)
+    prefetch: bool = True
+    host_compute: bool = False
+    expert_cache: float | None = Field(None, ge=0, le=1)
+    routing_skew: float = Field(0.0, ge=0)
+    expert_prefetch: float = Field(0.0, ge=0, le=1)
+    experts_on_host: bool = False
+
+
+class KVChoice(Spec):
+    policy: Literal["full", "window", "streaming", "h2o"] = "full"
+    budget: float | None = Field(None, gt=0)
+    sinks: int = Field(4, ge=0)
+    residual: int = Field(0, ge=0)
+
+
+class StrategyChoice(Spec):
+    offload: OffloadChoice | None = None
+    kv: KVChoice = KVChoice()
+
+
+class Scenario(Spec):
+    name: str | None = None
+    description: str = ""
+    model: str
+    hardware: str
+    workload: Workload = Workload()
+    precision: PrecisionChoice = PrecisionChoice()
+    strategy: StrategyChoice = StrategyChoice()
+
+
+def _local(reference: str, folder: Path) -> str:
+    """A path relative to the scenario file, if one exists there; else the name as given."""
+    candidate = folder / reference
+    return str(candidate) if candidate.is_file() else reference
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(str(path), None, "no such scenario file")
+    scenario = validate(Scenario, read_yaml(path), str(path))
+    folder = path.parent
+    return scenario.model_copy(update={"model": _local(scenario.model, folder),
+                                       "hardware": _local(scenario.hardware, folder),
+                                       "name": scenario.name or path.stem})
+
+
+def estimate_options(scenario: Scenario) -> dict[str, Any]:
+    """``estimate`` keyword arguments for the scenario's precision and strategy."""
+    options: dict[str, Any] = scenario.precision.model_dump()
+    kv = scenario.strategy.kv
+    options["kv_residual"] = kv.residual
+    if kv.policy != "full" or kv.budget is not None:
+        options["kv_policy"] = KVPolicy(kv.policy, kv.budget, kv.sinks)
+    off = scenario.strategy.offload
+    if off is not None:
+        options["offload"] = OffloadPlan.build(
+            load_model(scenario.model), weights=dict(off.weights) or None, kv=dict(off.kv) or None,
+            prefetch=off.prefetch, host_compute=off.host_compute, layers_on_device=off.layers_on_device,
+            expert_cache=off.expert_cache, routing_skew=off.routing_skew,
+            expert_prefetch=off.expert_prefetch, experts_on_host=off.experts_on_host)
+    return options
+
+
+def run_scenario(path: str | Path) -> EstimateResult:
+    scenario = load_scenario(path)
+    w = scenario.workload
+    try:
+        return estimate(scenario.model, scenario.hardware, batch=w.batch, input_len=w.input_len,
+                        output_len=w.output_len, **estimate_options(scenario))
+    except SpecError:
+        raise
+    except InferSimError as err:
+        raise InferSimError(f"{path}: {err}") from None
