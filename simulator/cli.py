@@ -70,6 +70,8 @@ def _add_strategy(parser: argparse.ArgumentParser) -> None:
                        help="tokens kept per sequence (> 1) or a fraction of the sequence (<= 1)")
     group.add_argument("--kv-sinks", type=int, default=4,
                        help="attention sinks kept by --kv-policy streaming (default 4)")
+    group.add_argument("--kv-store", default="kv", choices=("kv", "x"),
+                       help="x: XQuant, cache each layer's input and recompute K and V per decode step")
     group.add_argument("--kv-residual", type=int, default=0,
                        help="KIVI: recent tokens kept in the activation dtype beside a quantized --kv-dtype")
 
@@ -80,7 +82,7 @@ def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
     from simulator.strategies.kv import KVPolicy
     from simulator.strategies.offload import OffloadPlan
 
-    options: dict[str, Any] = {"kv_residual": args.kv_residual}
+    options: dict[str, Any] = {"kv_residual": args.kv_residual, "kv_store": args.kv_store}
     if args.kv_policy != "full" or args.kv_budget is not None:
         options["kv_policy"] = KVPolicy(args.kv_policy, args.kv_budget, args.kv_sinks)
     if (args.offload_weights or args.offload_kv or args.layers_on_device is not None

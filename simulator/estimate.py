@@ -75,7 +75,7 @@ def memory_use(model: ModelSpec, device: Device, precision: Precision, batch: in
     """
     kept = kept_model or model
     weights = weight_bytes(model, precision)
-    kv_per_token = kv_bytes_per_token(model, precision.kv, precision.group_size)
+    kv_per_token = kv_bytes_per_token(model, precision.kv, precision.group_size, precision.kv_store)
     # The last generated token is sampled, never fed back: its K/V are never written.
     tokens = kept.cached_tokens(input_len + output_len - 1)
     kv = batch * tokens * kv_per_token
@@ -167,6 +167,7 @@ def estimate(
     offload: OffloadPlan | None = None,
     kv_policy: KVPolicy | None = None,
     kv_residual: int = 0,
+    kv_store: str = "kv",
 ) -> EstimateResult:
     """Predict latency, throughput, memory and energy of ``batch`` requests on one device.
 
@@ -196,6 +197,14 @@ def estimate(
         raise InferSimError(f"kv_residual must be a whole number of tokens, at least 0; got {kv_residual!r}")
     if kv_residual:
         precision = dataclasses.replace(precision, kv_residual=int(kv_residual))
+    if kv_store not in ("kv", "x"):
+        raise InferSimError(f"kv_store must be 'kv' (cache K and V) or 'x' (XQuant: cache the layer "
+                            f"input and recompute K and V), got {kv_store!r}")
+    if kv_store == "x":
+        if spec.mla is not None:
+            raise InferSimError(f"{spec.name} uses MLA, whose latent cache already is a compressed input; "
+                                "XQuant (--kv-store x) applies to MHA/GQA models")
+        precision = dataclasses.replace(precision, kv_store="x")
     policy = kv_policy or KVPolicy()
     plan = offload if offload is not None and (offload.active or offload.host_compute) else None
     warnings = []
@@ -250,6 +259,8 @@ def estimate(
                                  "sinks": policy.sinks if policy.kind == "streaming" else 0}
     if kv_residual:
         strategy["kv_residual_tokens"] = int(kv_residual)
+    if kv_store == "x":
+        strategy["kv_store"] = "x (XQuant: layer input cached, K and V recomputed)"
 
     return EstimateResult(
         model=spec.name,

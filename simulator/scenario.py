@@ -64,6 +64,7 @@ class KVChoice(Spec):
     budget: float | None = Field(None, gt=0)
     sinks: int = Field(4, ge=0)
     residual: int = Field(0, ge=0)
+    store: Literal["kv", "x"] = "kv"
 
 
 class StrategyChoice(Spec):
@@ -103,6 +104,7 @@ def estimate_options(scenario: Scenario) -> dict[str, Any]:
     options: dict[str, Any] = scenario.precision.model_dump()
     kv = scenario.strategy.kv
     options["kv_residual"] = kv.residual
+    options["kv_store"] = kv.store
     if kv.policy != "full" or kv.budget is not None:
         options["kv_policy"] = KVPolicy(kv.policy, kv.budget, kv.sinks)
     off = scenario.strategy.offload

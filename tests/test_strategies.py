@@ -223,3 +223,19 @@ def test_scenarios_run_and_bad_scenarios_name_the_field(tmp_path, capsys):
                    "strategy:\n  offload: {weights: {host: 1.5}}\n")
     assert main(["run", str(bad)]) == 2
     assert "between 0 and 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["llama-2-7b", "llama-3.1-8b"])
+def test_xquant_caches_the_layer_input_and_recomputes_kv(model):
+    spec = load_model(model)
+    shape = dict(model=model, hardware="a100-80gb-sxm", batch=8, input_len=2048, output_len=64)
+    kv, x = run(**shape), run(kv_store="x", **shape)
+    ratio = spec.hidden_size / (2 * spec.kv_heads * spec.head_size)
+    assert x.memory.kv_cache == pytest.approx(kv.memory.kv_cache * ratio)
+    recompute = [c for c in x.decode.costs if c.op.name == "kv_recompute"]
+    assert recompute and avg(recompute[0].op.flops) > 0
+    assert x.ttft_s == pytest.approx(kv.ttft_s, rel=0.05)  # prefill only writes X instead of K, V
+    low_bit = run(kv_store="x", kv_dtype="int2", **shape)
+    assert low_bit.memory.kv_cache < x.memory.kv_cache / 6
+    with pytest.raises(InferSimError, match="MLA"):
+        run(model="deepseek-v2-lite", hardware="a100-80gb-sxm", kv_store="x")

@@ -10,6 +10,7 @@ set, so a step is a few dozen ops whatever the depth. Equations are in
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +35,9 @@ class Precision:
     group_size: int = 128
     kv_residual: int = 0
     """KIVI: the most recent tokens kept in the activation dtype, the rest in ``kv``."""
+    kv_store: str = "kv"
+    """``"kv"``: cache K and V; ``"x"``: cache each layer's normed input and recompute K and V
+    from it every decode step (XQuant)."""
 
     @property
     def weight_bytes(self) -> float:
@@ -157,9 +161,33 @@ class _Builder:
             self.vector("qk_norm", T * (H + KV) * d, T * (H + KV) * d, 4.0, L, kind="norm")
         if m.position_encoding == "rope":
             self.vector("rope", T * (H + KV) * d, T * (H + KV) * d, 3.0, L, kind="rope")
-        self._kv_write(2 * KV * d, L)
-        self._attention_core(L, heads=H, qk_dim=d, v_dim=d, kv_width=2 * KV * d)
+        if self.p.kv_store == "x":
+            self._xquant(L, H, KV, d)
+        else:
+            self._kv_write(2 * KV * d, L)
+            self._attention_core(L, heads=H, qk_dim=d, v_dim=d, kv_width=2 * KV * d)
         self.gemm("o_proj", T, m.hidden_size, H * d, L)
+
+    def _xquant(self, L: int, H: int, KV: int, d: int) -> None:
+        """XQuant: the cache holds each token's normed layer input ``X`` (``hidden`` values in the
+        KV dtype); a decode step re-reads ``X`` for the attended context and recomputes K and V
+        (``X W_k``, ``X W_v``, RoPE on K) before attending. Prefill uses the K and V it just made."""
+        h, step = self.m.hidden_size, self.step
+        self._kv_write(h, L)
+        if step.phase == "prefill":
+            self._attention_core(L, heads=H, qk_dim=d, v_dim=d, kv_width=2 * KV * d, materialised=True)
+            return
+        window = self.m.sliding_window
+        keys = step.context if window is None else np.minimum(step.context, window)
+        rows = step.batch * keys
+        recompute = gemm("kv_recompute", rows, 2 * KV * d, h, weight_bytes_per_value=self.w,
+                         act_bytes=self.a, dtype=self.p.compute, count=L)
+        x_bytes = rows * h * self.p.kv_bytes
+        self.ops.append(dataclasses.replace(
+            recompute, read_bytes=recompute.weight_bytes + x_bytes, kv_read_bytes=x_bytes))
+        if self.m.position_encoding == "rope":
+            self.vector("kv_recompute_rope", rows * KV * d, rows * KV * d, 3.0, L, kind="rope")
+        self._attention_core(L, heads=H, qk_dim=d, v_dim=d, kv_width=2 * KV * d, materialised=True)
 
     def _mla(self, L: int) -> None:
         m, T, h, H = self.m, self.T, self.m.hidden_size, self.m.num_attention_heads
@@ -355,5 +383,7 @@ def weight_bytes(model: ModelSpec, precision: Precision) -> float:
     return (model.params() - embed) * precision.weight_bytes + embed * precision.act_bytes
 
 
-def kv_bytes_per_token(model: ModelSpec, kv_dtype: str, group_size: int = 128) -> float:
-    return model.kv_elements_per_token() * bytes_per_value(kv_dtype, group_size)
+def kv_bytes_per_token(model: ModelSpec, kv_dtype: str, group_size: int = 128, store: str = "kv") -> float:
+    """Cached bytes per token over all layers: K and V, or (XQuant, ``store="x"``) the layer input."""
+    elements = model.hidden_size * model.num_layers if store == "x" else model.kv_elements_per_token()
+    return elements * bytes_per_value(kv_dtype, group_size)
