@@ -198,11 +198,16 @@ class CollectiveSpec(Spec):
 
 
 class Storage(Spec):
+    """A drive. ``read_overlap`` is the share of a read that can run under compute on the
+    device it feeds: 1 where a DMA engine moves the data (GPUs), what calibration measured where
+    the reading cores also compute (a CPU device)."""
+
     name: str
     capacity: Bytes
     read_bandwidth: Bandwidth
     write_bandwidth: Bandwidth
     latency: Seconds = 0.0
+    read_overlap: Fraction = 1.0
 
 
 class SystemLinks(Spec):
@@ -256,6 +261,7 @@ def _calibrated_storage(device: Device) -> Storage | None:
     read = (disk.get("read_into_buffer") or disk.get("read_16777216") or {}).get("bandwidth")
     if not read:
         return None
+    overlap = (disk.get("read_overlap") or {}).get("overlap", 0.0)
     return Storage(name="calibrated local disk", capacity=float(disk.get("free_bytes", 0.0)) or 1e12,
                    read_bandwidth=float(read), write_bandwidth=float(disk.get("write_bandwidth", read)),
-                   latency=float(disk.get("latency_4k_s", 0.0)))
+                   latency=float(disk.get("latency_4k_s", 0.0)), read_overlap=float(overlap))

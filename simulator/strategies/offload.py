@@ -21,10 +21,10 @@ hidden state crossing the link twice per step, and each layer's KV cache
 stays where its layer runs.
 
 When the device is the host CPU itself (a calibrated host, no host-device
-link), only disk is a lower tier, and its reads are copies the CPU's cores
-make: they cannot hide under compute that already uses every core, so
-prefetch does not overlap them (on the 2-core host a reader thread made steps
-slower, not faster).
+link), only disk is a lower tier, and its reads are partly copies the CPU's
+cores make: prefetch hides only the share ``storage.read_overlap`` that
+calibration measured (a reader thread under GEMMs), interpolating between no
+overlap and the full pipeline.
 
 Equations in ``docs/model.md`` (Offloading).
 """
@@ -340,7 +340,10 @@ def step_time(plan: OffloadPlan, system: System, model: ModelSpec, ops: list[Op]
             raise InferSimError(f"{system.name!r} is a CPU: its memory is the host's, so only disk is a "
                                 "lower tier; use --offload-weights disk=F")
         stages = [inside] + list(transfers.values())
-        time = outside + sum(stages)  # reads are copies by the same cores: no overlap
+        # A read is partly a copy by the cores that compute: prefetch hides the calibrated
+        # share of it (storage.read_overlap), between no overlap and the full pipeline.
+        share = system.storage.read_overlap if (plan.prefetch and system.storage is not None) else 0.0
+        time = outside + (1.0 - share) * sum(stages) + share * pipeline(stages, layers, True)
         bound = "disk read" if avg(transfers.get("disk_read", 0.0)) > avg(inside) else "compute"
         return StepTime(time_s=avg(time), device_compute_s=avg(outside + inside),
                         transfers_s={k: avg(v) for k, v in transfers.items()}, bound=bound)
