@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--output-len", type=int, default=128, help="generated tokens (default 128)")
     plan.add_argument("--weight-dtype", default="bf16", choices=dtypes.WEIGHT_DTYPES)
     plan.add_argument("--kv-dtype", default=None, choices=dtypes.KV_DTYPES)
+    plan.add_argument("--kv-policy", default="full", choices=("full", "window", "streaming", "h2o"),
+                      help="KV eviction applied to every plan searched")
+    plan.add_argument("--kv-budget", type=float, help="tokens kept (> 1) or a fraction (<= 1)")
+    plan.add_argument("--kv-residual", type=int, default=0, help="KIVI recent tokens at full precision")
     plan.add_argument("--objective", default="throughput", choices=("throughput", "latency"))
     plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
@@ -197,11 +201,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from simulator.strategies.kv import KVPolicy
     from simulator.strategies.plan import search
 
+    kv: dict[str, Any] = {"kv_residual": args.kv_residual}
+    if args.kv_policy != "full" or args.kv_budget is not None:
+        kv["kv_policy"] = KVPolicy(args.kv_policy, args.kv_budget)
     choice = search(args.model, args.hardware, input_len=args.input_len, output_len=args.output_len,
                     objective=args.objective, batch=args.batch, max_batch=args.max_batch,
-                    weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype)
+                    weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype, **kv)
     if args.json:
         print(json.dumps(choice.to_dict(), indent=2))
         return 0

@@ -207,7 +207,7 @@ class Storage(Spec):
     read_bandwidth: Bandwidth
     write_bandwidth: Bandwidth
     latency: Seconds = 0.0
-    read_overlap: Fraction = 1.0
+    read_overlap: float = Field(1.0, ge=0.0, le=1.0)
 
 
 class SystemLinks(Spec):
