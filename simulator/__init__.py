@@ -7,21 +7,34 @@ Public API::
     system = simulator.load_system("a100-80gb-sxm")
     result = simulator.estimate(model, system, batch=8, input_len=512, output_len=128)
     result.tpot_s, result.to_dict(), result.ops_frame()
+    simulator.estimate("llama-2-13b", "workstation-4090", batch=8,
+                       offload=simulator.OffloadPlan(weights_host=0.5),
+                       kv_policy=simulator.KVPolicy("h2o", 0.2))
+    simulator.search_plan("opt-30b", "workstation-4090", output_len=32)   # infersim plan
+    simulator.run_scenario("workloads/scenarios/llama-7b-a100-h2o.yaml")  # infersim run
 """
 
 from simulator.errors import DoesNotFitError, InferSimError, SpecError, UnsupportedError
 from simulator.estimate import estimate
 from simulator.result import EstimateResult
+from simulator.scenario import run_scenario
 from simulator.specs.loader import load_device, load_model, load_system
+from simulator.strategies.kv import KVPolicy
+from simulator.strategies.offload import OffloadPlan
+from simulator.strategies.plan import search as search_plan
 
 __all__ = [
     "DoesNotFitError",
     "EstimateResult",
     "InferSimError",
+    "KVPolicy",
+    "OffloadPlan",
     "SpecError",
     "UnsupportedError",
     "estimate",
     "load_device",
     "load_model",
     "load_system",
+    "run_scenario",
+    "search_plan",
 ]

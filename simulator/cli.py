@@ -66,6 +66,14 @@ def _add_strategy(parser: argparse.ArgumentParser) -> None:
                        help="MoE: compute missed experts on the host CPU instead of fetching them")
     group.add_argument("--kv-policy", default="full", choices=("full", "window", "streaming", "h2o"),
                        help="KV eviction: keep a budget of recent tokens, sinks + window, or heavy hitters")
+    spec = parser.add_argument_group("speculative decoding")
+    spec.add_argument("--draft-model", help="draft model (name or path); turns speculative decoding on")
+    spec.add_argument("--spec-gamma", type=int, default=4, help="tokens drafted per round (default 4)")
+    spec.add_argument("--spec-alpha", type=float, default=0.8,
+                      help="probability a drafted token is accepted (default 0.8)")
+    spec.add_argument("--spec-profile", metavar="A1,A2,...",
+                      help="per-position acceptance instead of --spec-alpha, one per drafted token")
+    spec.add_argument("--draft-hardware", help="run the draft on another device or system")
     group.add_argument("--kv-budget", type=float,
                        help="tokens kept per sequence (> 1) or a fraction of the sequence (<= 1)")
     group.add_argument("--kv-sinks", type=int, default=4,
@@ -83,6 +91,20 @@ def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
     from simulator.strategies.offload import OffloadPlan
 
     options: dict[str, Any] = {"kv_residual": args.kv_residual, "kv_store": args.kv_store}
+    if args.draft_model:
+        from simulator.strategies.speculative import Speculation
+
+        profile = None
+        if args.spec_profile:
+            try:
+                profile = tuple(float(a) for a in args.spec_profile.split(","))
+            except ValueError:
+                raise InferSimError(f"--spec-profile {args.spec_profile!r}: give comma-separated "
+                                    "acceptance rates, e.g. 0.9,0.8,0.7,0.6") from None
+        options["speculative"] = Speculation(args.draft_model, args.spec_gamma, args.spec_alpha, profile,
+                                             args.draft_hardware)
+    elif args.spec_profile or args.draft_hardware:
+        raise InferSimError("--spec-profile and --draft-hardware need --draft-model")
     if args.kv_policy != "full" or args.kv_budget is not None:
         options["kv_policy"] = KVPolicy(args.kv_policy, args.kv_budget, args.kv_sinks)
     if (args.offload_weights or args.offload_kv or args.layers_on_device is not None

@@ -32,6 +32,7 @@ from simulator.specs.loader import load_model, load_system
 from simulator.specs.model import ModelSpec
 from simulator.strategies.kv import KVPolicy
 from simulator.strategies.offload import OffloadPlan, cost_on_host, step_time, tier_memory
+from simulator.strategies.speculative import Speculation, break_even_alpha
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -101,6 +102,51 @@ def _offloaded(phase: PhaseResult, plan: OffloadPlan, system: System, model: Mod
                                transfers_s=step.transfers_s)
 
 
+def _speculate(speculation: Speculation, spec: ModelSpec, kept_model: ModelSpec, system: System,
+               precision: Precision, attention: AttentionImpl, batch: int, input_len: int, output_len: int,
+               contexts: np.ndarray, plain: PhaseResult, plan: OffloadPlan | None,
+               dtypes_given: tuple) -> tuple[PhaseResult, dict, tuple[float, float]]:
+    """The decode phase under speculation: (gamma draft steps + one verification) / expected tokens."""
+    draft = load_model(speculation.draft)
+    if draft.vocab_size != spec.vocab_size:
+        raise InferSimError(f"the draft {draft.name} has a vocabulary of {draft.vocab_size} tokens and the "
+                            f"target {spec.name} {spec.vocab_size}: speculative decoding needs the same one")
+    draft_system = load_system(speculation.draft_hardware) if speculation.draft_hardware else system
+    weight_dtype, kv_dtype, act_dtype, group_size = dtypes_given
+    draft_precision = resolve_precision(draft_system.device, weight_dtype, kv_dtype, act_dtype, group_size)
+    gamma = speculation.gamma
+    draft_ops = build_step(draft, StepShape("decode", batch, 1, contexts), draft_precision, attention)
+    draft_step = _phase("draft", cost_ops(draft_ops, draft_system.device))
+    verify_shape = StepShape("decode", batch, gamma + 1, contexts + gamma, logits=gamma + 1)
+    verify_ops = build_step(kept_model, verify_shape, precision, attention)
+    verify = _phase("decode", cost_ops(verify_ops, system.device))
+    if plan is not None:
+        host = cost_on_host(verify_ops, system) if plan.host_compute and plan.weights_off > 0 else None
+        verify = _offloaded(verify, plan, system, spec, verify_ops, host)
+    tokens = speculation.expected_tokens()
+    round_s = gamma * draft_step.time_s + verify.time_s
+    per_token = round_s / tokens
+    phase = dataclasses.replace(verify, time_s=per_token,
+                                energy_j=(gamma * draft_step.energy_j + verify.energy_j) / tokens)
+    info = {
+        "draft": draft.name, "draft_device": draft_system.device.name, "gamma": gamma,
+        "alpha": speculation.alpha if speculation.profile is None else None,
+        "profile": list(speculation.profile) if speculation.profile is not None else None,
+        "expected_tokens_per_round": tokens, "draft_step_s": draft_step.time_s,
+        "verify_step_s": verify.time_s, "round_s": round_s, "time_per_token_s": per_token,
+        "plain_tpot_s": plain.time_s, "speedup": plain.time_s / per_token,
+        "pays": per_token < plain.time_s,
+        "break_even_alpha": break_even_alpha(gamma, round_s, plain.time_s),
+    }
+    same_device = draft_system.device == system.device and draft_system.name == system.name
+    memory = (0.0, 0.0)
+    if same_device:
+        kv = batch * draft.cached_tokens(input_len + output_len - 1) * kv_bytes_per_token(
+            draft, draft_precision.kv, draft_precision.group_size)
+        memory = (weight_bytes(draft, draft_precision), kv)
+    return phase, info, memory
+
+
 def _tier_does_not_fit(model: ModelSpec, system: System, tiers: dict, plan: OffloadPlan,
                        batch: int) -> DoesNotFitError | None:
     gb = 1e9
@@ -168,6 +214,7 @@ def estimate(
     kv_policy: KVPolicy | None = None,
     kv_residual: int = 0,
     kv_store: str = "kv",
+    speculative: Speculation | None = None,
 ) -> EstimateResult:
     """Predict latency, throughput, memory and energy of ``batch`` requests on one device.
 
@@ -232,7 +279,23 @@ def estimate(
             host = cost_on_host(decode_ops, system) if on_host else None
             decode = _offloaded(decode, plan, system, spec, decode_ops, host)
 
+    spec_info, draft_memory = None, (0.0, 0.0)
+    if speculative is not None and decode is not None:
+        decode, spec_info, draft_memory = _speculate(
+            speculative, spec, kept_model, system, precision, attention, batch, input_len, output_len,
+            contexts, decode, plan, (weight_dtype, kv_dtype, act_dtype, group_size))
+        if not spec_info["pays"]:
+            even = spec_info["break_even_alpha"]
+            warnings.append(
+                f"speculation is slower than plain decoding ({spec_info['time_per_token_s'] * 1e3:.3g} ms "
+                f"vs {spec_info['plain_tpot_s'] * 1e3:.3g} ms per token); "
+                + (f"it pays above alpha = {even:.2f}" if even is not None else
+                   f"no acceptance rate makes gamma = {speculative.gamma} pay at batch {batch}"))
+
     memory = memory_use(spec, device, precision, batch, input_len, output_len, prefill.costs, kept_model)
+    if draft_memory != (0.0, 0.0):
+        memory = dataclasses.replace(memory, weights=memory.weights + draft_memory[0],
+                                     kv_cache=memory.kv_cache + draft_memory[1])
     if plan is not None:
         embed = (spec.embedding_params() + spec.lm_head_params()) * precision.act_bytes
         experts = 0.0
@@ -259,6 +322,8 @@ def estimate(
                                  "sinks": policy.sinks if policy.kind == "streaming" else 0}
     if kv_residual:
         strategy["kv_residual_tokens"] = int(kv_residual)
+    if spec_info is not None:
+        strategy["speculative"] = spec_info
     if kv_store == "x":
         strategy["kv_store"] = "x (XQuant: layer input cached, K and V recomputed)"
 

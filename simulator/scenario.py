@@ -67,9 +67,18 @@ class KVChoice(Spec):
     store: Literal["kv", "x"] = "kv"
 
 
+class SpeculativeChoice(Spec):
+    draft: str
+    gamma: int = Field(4, ge=1, le=64)
+    alpha: float | None = Field(0.8, ge=0, le=1)
+    profile: tuple[float, ...] | None = None
+    draft_hardware: str | None = None
+
+
 class StrategyChoice(Spec):
     offload: OffloadChoice | None = None
     kv: KVChoice = KVChoice()
+    speculative: SpeculativeChoice | None = None
 
 
 class Scenario(Spec):
@@ -107,6 +116,12 @@ def estimate_options(scenario: Scenario) -> dict[str, Any]:
     options["kv_store"] = kv.store
     if kv.policy != "full" or kv.budget is not None:
         options["kv_policy"] = KVPolicy(kv.policy, kv.budget, kv.sinks)
+    speculative = scenario.strategy.speculative
+    if speculative is not None:
+        from simulator.strategies.speculative import Speculation
+
+        options["speculative"] = Speculation(speculative.draft, speculative.gamma, speculative.alpha,
+                                             speculative.profile, speculative.draft_hardware)
     off = scenario.strategy.offload
     if off is not None:
         options["offload"] = OffloadPlan.build(

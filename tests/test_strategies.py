@@ -239,3 +239,63 @@ def test_xquant_caches_the_layer_input_and_recomputes_kv(model):
     assert low_bit.memory.kv_cache < x.memory.kv_cache / 6
     with pytest.raises(InferSimError, match="MLA"):
         run(model="deepseek-v2-lite", hardware="a100-80gb-sxm", kv_store="x")
+
+
+def test_the_public_api_exposes_the_strategies():
+    import simulator
+
+    result = simulator.estimate("llama-2-13b", WS, batch=8, offload=simulator.OffloadPlan(weights_host=0.5),
+                                kv_policy=simulator.KVPolicy("h2o", 0.2))
+    assert result.strategy["offload"]["weights"]["host"] == 0.5
+    assert simulator.search_plan("opt-30b", WS, output_len=16, max_batch=64).batch >= 1
+
+
+def test_speculation_tokens_per_round_and_when_it_pays():
+    from simulator.strategies.speculative import Speculation, break_even_alpha, expected_tokens
+
+    assert expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.999999, 4) == pytest.approx(5.0, rel=1e-4)
+    assert Speculation("tiny-dense-58m", 3, None, (1.0, 0.5, 0.5)).expected_tokens() == 1 + 1 + 0.5 + 0.25
+    shape = dict(model="llama-2-13b", hardware="h100-sxm", batch=1, input_len=1024, output_len=128)
+    plain = run(**shape)
+    never = run(speculative=Speculation("tiny-dense-58m", 4, 0.0), **shape)
+    always = run(speculative=Speculation("tiny-dense-58m", 4, 1.0), **shape)
+    assert never.tpot_s > plain.tpot_s and any("slower than plain" in w for w in never.warnings)
+    assert always.tpot_s < plain.tpot_s / 2
+    info = always.strategy["speculative"]
+    assert info["expected_tokens_per_round"] == 5.0 and info["pays"]
+    assert 0.0 < info["break_even_alpha"] < 1.0
+    assert always.memory.weights > plain.memory.weights  # the draft's weights are on the device too
+    assert break_even_alpha(4, 10.0, 1.0) is None  # a round dearer than gamma + 1 plain steps never pays
+
+
+@SLOW
+@given(alpha=st.floats(0, 1), more=st.floats(0, 1), gamma=st.integers(1, 8))
+def test_a_higher_acceptance_never_slows_speculation(alpha, more, gamma):
+    from simulator.strategies.speculative import Speculation
+
+    high = min(1.0, alpha + more)
+    shape = dict(model="llama-2-13b", hardware="h100-sxm", batch=2, input_len=256, output_len=16)
+    low_r = run(speculative=Speculation("tiny-dense-58m", gamma, alpha), **shape)
+    high_r = run(speculative=Speculation("tiny-dense-58m", gamma, high), **shape)
+    assert high_r.tpot_s <= low_r.tpot_s * (1 + 1e-12)
+
+
+def test_bad_speculation_is_a_clear_error(capsys):
+    from simulator.strategies.speculative import Speculation
+
+    with pytest.raises(InferSimError, match="vocabulary"):
+        run(model="llama-3.1-8b", speculative=Speculation("tiny-dense-58m", 4, 0.8))
+    with pytest.raises(InferSimError, match="gamma"):
+        Speculation("tiny-dense-58m", 0, 0.8)
+    with pytest.raises(InferSimError, match="profile"):
+        Speculation("tiny-dense-58m", 3, None, (0.9, 0.8))
+    assert main(["estimate", "--model", "llama-2-13b", "--hardware", "h100-sxm", "--draft-model",
+                 "tiny-dense-58m", "--spec-alpha", "1.5"]) == 2
+    assert "--spec-alpha" in capsys.readouterr().err
+    assert main(["estimate", "--model", "llama-2-13b", "--hardware", "h100-sxm", "--draft-model",
+                 "tiny-dense-58m", "--spec-gamma", "3", "--spec-profile", "0.9,0.8,0.7", "--json"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["strategy"]["speculative"]["expected_tokens_per_round"] == pytest.approx(1 + .9 + .72 + .504)

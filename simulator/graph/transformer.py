@@ -58,6 +58,9 @@ class StepShape:
     batch: int
     new_tokens: int
     context: Quantity
+    logits: int = 1
+    """Positions per sequence projected onto the vocabulary: the last one, or every drafted
+    token when a speculative step verifies ``new_tokens`` at once."""
 
     @property
     def tokens(self) -> int:
@@ -131,8 +134,9 @@ class _Builder:
             self.vector("position_embedding", 2 * self.T * h, self.T * h, 1.0, 1)
 
     def head(self) -> None:
-        # Only the last position of each sequence is projected onto the vocabulary.
-        b, h, v = self.step.batch, self.m.hidden_size, self.m.vocab_size
+        # Only the last position of each sequence is projected onto the vocabulary (all drafted
+        # positions when verifying a speculation).
+        b, h, v = self.step.batch * self.step.logits, self.m.hidden_size, self.m.vocab_size
         self.norm("final_norm", h, 1, tokens=b)
         self.gemm("lm_head", b, v, h, 1, wbytes=self.a)
         # Sampling: softmax over the logits as the LM head wrote them (upcast in registers),

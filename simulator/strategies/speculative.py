@@ -1,0 +1,79 @@
+"""Speculative decoding: a draft proposes ``gamma`` tokens, the target verifies them in one step.
+
+Per round (Leviathan et al., 2023): the draft runs ``gamma`` decode steps, then the target runs
+one step over the ``gamma + 1`` positions (the drafted tokens and the one after), projecting each
+onto the vocabulary. With a per-token acceptance rate ``alpha`` (independent positions) the
+expected tokens a round yields is ``(1 - alpha^(gamma+1)) / (1 - alpha)``; with a per-position
+profile ``a_1..a_gamma`` (probability that position ``i`` is accepted given the ones before),
+``1 + sum_i prod_{j<=i} a_j``. The time per output token is the round's time over that.
+
+Speculation pays when that beats the target's plain decode step. ``break_even_alpha`` is the
+acceptance rate at which the two are equal (none when even ``alpha = 1`` does not pay, as at a
+batch large enough that verifying ``gamma + 1`` positions costs as much as ``gamma + 1`` steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from simulator.errors import InferSimError
+from simulator.specs.model import ModelSpec
+
+
+@dataclass(frozen=True)
+class Speculation:
+    draft: str | Path | ModelSpec
+    gamma: int = 4
+    alpha: float | None = 0.8
+    profile: tuple[float, ...] | None = None
+    draft_hardware: str | Path | None = None
+    """Run the draft on another device (a system name or file); ``None``: the target's device."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, int) or not 1 <= self.gamma <= 64:
+            raise InferSimError(f"--spec-gamma must be a whole number of drafted tokens from 1 to 64, "
+                                f"got {self.gamma!r}")
+        if self.profile is not None:
+            if len(self.profile) != self.gamma:
+                raise InferSimError(f"the acceptance profile has {len(self.profile)} positions; it needs "
+                                    f"one per drafted token (gamma = {self.gamma})")
+            if any(not 0.0 <= a <= 1.0 for a in self.profile):
+                raise InferSimError("every acceptance in the profile must be between 0 and 1")
+        elif self.alpha is None or not 0.0 <= self.alpha <= 1.0:
+            raise InferSimError(f"--spec-alpha must be an acceptance rate between 0 and 1, "
+                                f"got {self.alpha!r}")
+
+    def expected_tokens(self) -> float:
+        """Tokens one verification round yields on average (the target's own included)."""
+        if self.profile is not None:
+            total, survive = 1.0, 1.0
+            for accept in self.profile:
+                survive *= accept
+                total += survive
+            return total
+        return expected_tokens(self.alpha or 0.0, self.gamma)
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """``(1 - alpha^(gamma+1)) / (1 - alpha)``; ``gamma + 1`` at ``alpha = 1``."""
+    if alpha >= 1.0:
+        return float(gamma + 1)
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def break_even_alpha(gamma: int, round_s: float, plain_s: float) -> float | None:
+    """The acceptance rate at which a round of ``round_s`` yields tokens as fast as plain decoding."""
+    needed = round_s / plain_s
+    if needed > gamma + 1:
+        return None
+    if needed <= 1.0:
+        return 0.0
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        if expected_tokens(mid, gamma) < needed:
+            low = mid
+        else:
+            high = mid
+    return high
