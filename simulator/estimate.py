@@ -23,6 +23,7 @@ from simulator.graph.transformer import (
     StepShape,
     build_step,
     decode_contexts,
+    embedding_bytes,
     kv_bytes_per_token,
     weight_bytes,
 )
@@ -92,7 +93,9 @@ def memory_use(model: ModelSpec, device: Device, precision: Precision, batch: in
 
 
 def _offloaded(phase: PhaseResult, plan: OffloadPlan, system: System, model: ModelSpec,
-               ops: list, host: list[OpCost] | None) -> PhaseResult:
+               ops: list) -> PhaseResult:
+    """The phase under an offload plan (off-device layers costed on the host with host compute)."""
+    host = cost_on_host(ops, system) if plan.host_compute and plan.weights_off > 0 else None
     step = step_time(plan, system, model, ops, phase.costs, host)
     # While the device waits on a transfer it idles.
     wait = max(0.0, step.time_s - phase.time_s - step.host_compute_s)
@@ -121,8 +124,7 @@ def _speculate(speculation: Speculation, spec: ModelSpec, kept_model: ModelSpec,
     verify_ops = build_step(kept_model, verify_shape, precision, attention)
     verify = _phase("decode", cost_ops(verify_ops, system.device))
     if plan is not None:
-        host = cost_on_host(verify_ops, system) if plan.host_compute and plan.weights_off > 0 else None
-        verify = _offloaded(verify, plan, system, spec, verify_ops, host)
+        verify = _offloaded(verify, plan, system, spec, verify_ops)
     tokens = speculation.expected_tokens()
     round_s = gamma * draft_step.time_s + verify.time_s
     per_token = round_s / tokens
@@ -264,10 +266,8 @@ def estimate(
     prefill_ops = build_step(spec, StepShape("prefill", batch, input_len, float(input_len)),
                              precision, attention)
     prefill = _phase("prefill", cost_ops(prefill_ops, device))
-    on_host = plan is not None and plan.host_compute and plan.weights_off > 0
     if plan is not None:
-        host = cost_on_host(prefill_ops, system) if on_host else None
-        prefill = _offloaded(prefill, plan, system, spec, prefill_ops, host)
+        prefill = _offloaded(prefill, plan, system, spec, prefill_ops)
     kept_model = policy.decode_model(spec, input_len, output_len)
     decode = None
     if output_len > 1:
@@ -276,8 +276,7 @@ def estimate(
         decode_ops += policy.extra_ops(spec, batch, kept_model.cached_tokens(contexts), precision.act)
         decode = _phase("decode", cost_ops(decode_ops, device))
         if plan is not None:
-            host = cost_on_host(decode_ops, system) if on_host else None
-            decode = _offloaded(decode, plan, system, spec, decode_ops, host)
+            decode = _offloaded(decode, plan, system, spec, decode_ops)
 
     spec_info, draft_memory = None, (0.0, 0.0)
     if speculative is not None and decode is not None:
@@ -297,7 +296,7 @@ def estimate(
         memory = dataclasses.replace(memory, weights=memory.weights + draft_memory[0],
                                      kv_cache=memory.kv_cache + draft_memory[1])
     if plan is not None:
-        embed = (spec.embedding_params() + spec.lm_head_params()) * precision.act_bytes
+        embed = embedding_bytes(spec, precision)
         experts = 0.0
         if spec.moe is not None:
             experts = (spec.num_moe_layers * spec.moe.num_experts

@@ -32,14 +32,10 @@ from simulator.errors import InferSimError
 from simulator.specs.hardware import CollectiveSpec, Link, System
 
 
-def _beta(link: Link) -> float:
-    return link.bandwidth * link.efficiency
-
-
 def _all_reduce_flat(n: np.ndarray, p: int, link: Link, spec: CollectiveSpec) -> np.ndarray:
     if p == 1:
         return np.zeros_like(n)
-    alpha, beta = link.latency, _beta(link)
+    alpha, beta = link.latency, link.rate
     fixed = spec.latency
     formulas = {
         "ring": lambda: 2 * (p - 1) * alpha + 2 * (p - 1) / p * n / beta,
@@ -56,7 +52,7 @@ def _ring_phase(n: np.ndarray, p: int, link: Link) -> np.ndarray:
     """Reduce-scatter or all-gather: ``(p-1) alpha + (p-1)/p * n / beta``."""
     if p == 1:
         return np.zeros_like(n)
-    return (p - 1) * link.latency + (p - 1) / p * n / _beta(link)
+    return (p - 1) * link.latency + (p - 1) / p * n / link.rate
 
 
 def _links(system: System, workers: int, per_node: int) -> tuple[Link | None, Link | None]:
@@ -87,7 +83,7 @@ def collective_time_s(system: System, collective: str, size_bytes: np.ndarray | 
         link = inter if inter is not None else intra
         if link is None:
             return np.zeros_like(n)
-        return spec.launch + spec.latency.get("send_recv", 0.0) + link.latency + n / _beta(link)
+        return spec.launch + spec.latency.get("send_recv", 0.0) + link.latency + n / link.rate
     if collective != "all_reduce":
         raise InferSimError(f"unknown collective {collective!r}; known: all_reduce, send_recv")
     if nodes == 1:

@@ -381,10 +381,15 @@ def decode_contexts(input_len: int, output_len: int, samples: int = 16) -> np.nd
     return input_len + (edges[:-1] + edges[1:] - 1) / 2.0
 
 
+def embedding_bytes(model: ModelSpec, precision: Precision) -> float:
+    """Bytes of the input embedding and the LM head, kept in the activation dtype."""
+    return (model.embedding_params() + model.lm_head_params()) * precision.act_bytes
+
+
 def weight_bytes(model: ModelSpec, precision: Precision) -> float:
     """Bytes of all weights: layers in the weight dtype, embeddings and LM head in the activation dtype."""
     embed = model.embedding_params() + model.lm_head_params()
-    return (model.params() - embed) * precision.weight_bytes + embed * precision.act_bytes
+    return (model.params() - embed) * precision.weight_bytes + embedding_bytes(model, precision)
 
 
 def kv_bytes_per_token(model: ModelSpec, kv_dtype: str, group_size: int = 128, store: str = "kv") -> float:

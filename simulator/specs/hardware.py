@@ -176,6 +176,11 @@ class Link(Spec):
     latency: Seconds = 0.0
     efficiency: Fraction = 1.0
 
+    @property
+    def rate(self) -> float:
+        """Achievable bytes per second in bulk transfers: ``bandwidth * efficiency``."""
+        return self.bandwidth * self.efficiency
+
 
 CollectiveAlgorithm = Literal["ring", "tree", "direct", "nvls", "send_recv"]
 

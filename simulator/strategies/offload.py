@@ -221,11 +221,6 @@ class StepTime:
     transfers_s: dict[str, float] = field(default_factory=dict)  # per link, total over the step
     bound: str = "compute"
 
-    @property
-    def wait_s(self) -> float:
-        """Time the step spends beyond its compute: waiting on transfers."""
-        return max(0.0, self.time_s - self.device_compute_s - self.host_compute_s)
-
 
 def device_is_host(system: System) -> bool:
     """The device is the host CPU (a calibrated host): no separate host tier or link."""
@@ -241,8 +236,13 @@ def _link(system: System, name: str, purpose: str) -> Link:
     return link
 
 
-def _rate(link: Link) -> float:
-    return link.bandwidth * link.efficiency
+def disk_rate(system: System) -> float | None:
+    """Bytes per second from the drive into host memory: the drive's read rate, or the link
+    between them where that is slower; ``None`` without a drive."""
+    if system.storage is None:
+        return None
+    link = system.links.host_storage
+    return system.storage.read_bandwidth if link is None else min(system.storage.read_bandwidth, link.rate)
 
 
 def host_device(system: System) -> Device:
@@ -276,7 +276,8 @@ def _sum(costs: list[OpCost], layers: bool) -> Any:
     return total
 
 
-def _bytes(ops: list[Op], attr: str) -> Any:
+def layer_bytes(ops: list[Op], attr: str) -> Any:
+    """Sum of ``attr`` (weight, KV-read or KV-write bytes) over the repeated layers' ops."""
     total: Any = 0.0
     for op in ops:
         if op.name not in NON_LAYER_OPS:
@@ -299,18 +300,15 @@ def step_time(plan: OffloadPlan, system: System, model: ModelSpec, ops: list[Op]
     layers = model.num_layers
     outside = _sum(costs, layers=False)
     inside = _sum(costs, layers=True)
-    weights = _bytes(ops, "weight_bytes")
-    kv_read, kv_write = _bytes(ops, "kv_read_bytes"), _bytes(ops, "kv_write_bytes")
+    weights = layer_bytes(ops, "weight_bytes")
+    kv_read, kv_write = layer_bytes(ops, "kv_read_bytes"), layer_bytes(ops, "kv_write_bytes")
     transfers: dict[str, Any] = {}
-    storage = system.storage
+    from_disk = disk_rate(system)
     if plan.weights_disk > 0:
-        if storage is None:
+        if from_disk is None:
             raise InferSimError(f"system {system.name!r} has no storage, which weights on disk need; "
                                 "add a storage block (capacity, read_bandwidth) to the system YAML")
-        disk_rate = storage.read_bandwidth
-        if system.links.host_storage is not None:
-            disk_rate = min(disk_rate, _rate(system.links.host_storage))
-        transfers["disk_read"] = plan.weights_disk * weights / disk_rate
+        transfers["disk_read"] = plan.weights_disk * weights / from_disk
 
     if plan.host_compute:
         off = plan.weights_off
@@ -319,7 +317,7 @@ def step_time(plan: OffloadPlan, system: System, model: ModelSpec, ops: list[Op]
                 raise ValueError("host compute needs the step's ops costed on the host")
             link = _link(system, "host_device", "moving the hidden state between device and host")
             tokens_bytes = 2 * _hidden_bytes(ops)
-            transfers["host_to_device"] = tokens_bytes / _rate(link) + 2 * link.latency
+            transfers["host_to_device"] = tokens_bytes / link.rate + 2 * link.latency
             host_inside = off * _sum(host_costs, layers=True)
             host_part = pipeline([host_inside] + ([transfers["disk_read"]] if "disk_read" in transfers
                                                   else []), max(1, round(off * layers)), plan.prefetch)
@@ -347,14 +345,14 @@ def step_time(plan: OffloadPlan, system: System, model: ModelSpec, ops: list[Op]
         bound = "disk read" if avg(transfers.get("disk_read", 0.0)) > avg(inside) else "compute"
         return StepTime(time_s=avg(time), device_compute_s=avg(outside + inside),
                         transfers_s={k: avg(v) for k, v in transfers.items()}, bound=bound)
-    experts = _expert_terms(plan, model, ops, costs)
     on_demand: Any = 0.0  # missed experts fetched when the router has chosen them: not overlapped
     host_experts: Any = 0.0
     if plan.expert_cache is not None:
         # Experts follow the cache, not the weight fractions; their disk share stays on the host.
+        experts = _expert_terms(plan, model, ops, costs)
         weights = weights - experts["weights"]
         if "disk_read" in transfers:
-            transfers["disk_read"] = plan.weights_disk * weights / disk_rate
+            transfers["disk_read"] = plan.weights_disk * weights / from_disk
     if plan.weights_off > 0 or plan.kv_host > 0 or plan.expert_cache is not None:
         link = _link(system, "host_device", "offloading weights, experts or KV cache to the host")
         moved = plan.weights_off * weights + plan.kv_host * kv_read
@@ -370,10 +368,10 @@ def step_time(plan: OffloadPlan, system: System, model: ModelSpec, ops: list[Op]
             else:
                 moved = moved + plan.expert_prefetch * missed
                 fetched = (1.0 - plan.expert_prefetch) * missed
-                on_demand = fetched / _rate(link) + model.num_moe_layers * link.latency * (fetched > 0)
-        transfers["host_to_device"] = moved / _rate(link) + layers * link.latency
+                on_demand = fetched / link.rate + model.num_moe_layers * link.latency * (fetched > 0)
+        transfers["host_to_device"] = moved / link.rate + layers * link.latency
         if plan.kv_host > 0:
-            transfers["device_to_host"] = plan.kv_host * kv_write / _rate(link) + layers * link.latency
+            transfers["device_to_host"] = plan.kv_host * kv_write / link.rate + layers * link.latency
     stages = [inside] + list(transfers.values())
     time = outside + pipeline(stages, layers, plan.prefetch) + on_demand
     if plan.expert_cache is not None and not plan.experts_on_host:

@@ -28,11 +28,12 @@ from scipy.optimize import linprog
 from simulator.errors import DoesNotFitError, InferSimError
 from simulator.estimate import estimate
 from simulator.graph.ops import avg
+from simulator.graph.transformer import embedding_bytes
 from simulator.result import EstimateResult
 from simulator.specs.hardware import System
 from simulator.specs.loader import load_model, load_system
 from simulator.specs.model import ModelSpec
-from simulator.strategies.offload import NON_LAYER_OPS, OffloadPlan
+from simulator.strategies.offload import OffloadPlan, disk_rate, layer_bytes
 
 TIE_BREAK = 1e-9  # seconds per unit fraction: among equal plans keep the most on the device
 MARGIN = 1.0 - 1e-5  # of each capacity, so that rounding the fractions cannot overflow a tier
@@ -57,32 +58,22 @@ def _layer_sums(result: EstimateResult, phase: str) -> dict[str, float]:
     step = result.prefill if phase == "prefill" else result.decode
     if step is None:
         return {"compute": 0.0, "weights": 0.0, "kv_read": 0.0, "kv_write": 0.0}
-    out = {"compute": step.time_s, "weights": 0.0, "kv_read": 0.0, "kv_write": 0.0}
-    for c in step.costs:
-        op = c.op
-        if op.name in NON_LAYER_OPS:
-            continue
-        out["weights"] += avg(op.weight_bytes) * op.count
-        out["kv_read"] += avg(op.kv_read_bytes) * op.count
-        out["kv_write"] += avg(op.kv_write_bytes) * op.count
-    return out
+    ops = [c.op for c in step.costs]
+    return {"compute": step.time_s, "weights": avg(layer_bytes(ops, "weight_bytes")),
+            "kv_read": avg(layer_bytes(ops, "kv_read_bytes")),
+            "kv_write": avg(layer_bytes(ops, "kv_write_bytes"))}
 
 
 def _solve(model: ModelSpec, system: System, base: EstimateResult, output_len: int
            ) -> tuple[np.ndarray, list[str]] | None:
     """LP over x = [h, d, k, t_prefill, t_decode]; ``None`` when no placement fits."""
     link = system.links.host_device
-    rate = link.bandwidth * link.efficiency if link else None
+    rate = link.rate if link else None
     storage = system.storage
-    disk_rate = None
-    if storage is not None:
-        disk_rate = storage.read_bandwidth
-        if system.links.host_storage is not None:
-            h2s = system.links.host_storage
-            disk_rate = min(disk_rate, h2s.bandwidth * h2s.efficiency)
+    from_disk = disk_rate(system)
     p, d = _layer_sums(base, "prefill"), _layer_sums(base, "decode")
     mem = base.memory
-    embed = (model.embedding_params() + model.lm_head_params()) * base.precision.act_bytes
+    embed = embedding_bytes(model, base.precision)
     layer_w = mem.weights - embed
     L = model.num_layers
     decode_weight = output_len - 1
@@ -102,9 +93,9 @@ def _solve(model: ModelSpec, system: System, base: EstimateResult, output_len: i
         bound([d["weights"] / rate, d["weights"] / rate, d["kv_read"] / rate, 0, -1], 0.0,
               "decode host-to-device link")
         bound([0, 0, d["kv_write"] / rate, 0, -1], 0.0, "decode device-to-host link")
-    if disk_rate:
-        bound([0, p["weights"] / disk_rate, 0, -1, 0], 0.0, "prefill disk read")
-        bound([0, d["weights"] / disk_rate, 0, 0, -1], 0.0, "decode disk read")
+    if from_disk:
+        bound([0, p["weights"] / from_disk, 0, -1, 0], 0.0, "prefill disk read")
+        bound([0, d["weights"] / from_disk, 0, 0, -1], 0.0, "decode disk read")
     # Capacities: device holds the rest plus two layers of moved weights (double buffer).
     shrink = layer_w * (1.0 - 2.0 / L)
     bound([-shrink, -shrink, -mem.kv_cache, 0, 0],
@@ -118,7 +109,7 @@ def _solve(model: ModelSpec, system: System, base: EstimateResult, output_len: i
         bound([0, layer_w, 0, 0, 0], storage.capacity * MARGIN, "disk capacity")
     bound([1, 1, 0, 0, 0], 1.0, "weights fractions")
     upper_h = 1.0 if (rate and system.host is not None) else 0.0
-    upper_d = 1.0 if (rate and disk_rate and system.host is not None) else 0.0
+    upper_d = 1.0 if (rate and from_disk and system.host is not None) else 0.0
     upper_k = upper_h
     cost = [TIE_BREAK, 2 * TIE_BREAK, TIE_BREAK, 1.0, float(decode_weight)]
     solved = linprog(cost, A_ub=np.array(A), b_ub=np.array(b),
