@@ -64,8 +64,7 @@ def _add_strategy(parser: argparse.ArgumentParser) -> None:
                        help="MoE: share of missed experts predicted and fetched a layer ahead (default 0)")
     group.add_argument("--experts-on-host", action="store_true",
                        help="MoE: compute missed experts on the host CPU instead of fetching them")
-    group.add_argument("--kv-policy", default="full", choices=("full", "window", "streaming", "h2o"),
-                       help="KV eviction: keep a budget of recent tokens, sinks + window, or heavy hitters")
+    _add_kv_flags(group)
     spec = parser.add_argument_group("speculative decoding")
     spec.add_argument("--draft-model", help="draft model (name or path); turns speculative decoding on")
     spec.add_argument("--spec-gamma", type=int, default=4, help="tokens drafted per round (default 4)")
@@ -74,6 +73,12 @@ def _add_strategy(parser: argparse.ArgumentParser) -> None:
     spec.add_argument("--spec-profile", metavar="A1,A2,...",
                       help="per-position acceptance instead of --spec-alpha, one per drafted token")
     spec.add_argument("--draft-hardware", help="run the draft on another device or system")
+
+
+def _add_kv_flags(group: Any) -> None:
+    """KV eviction and compression flags, shared by ``estimate`` and ``plan``."""
+    group.add_argument("--kv-policy", default="full", choices=("full", "window", "streaming", "h2o"),
+                       help="KV eviction: keep a budget of recent tokens, sinks + window, or heavy hitters")
     group.add_argument("--kv-budget", type=float,
                        help="tokens kept per sequence (> 1) or a fraction of the sequence (<= 1)")
     group.add_argument("--kv-sinks", type=int, default=4,
@@ -84,13 +89,22 @@ def _add_strategy(parser: argparse.ArgumentParser) -> None:
                        help="KIVI: recent tokens kept in the activation dtype beside a quantized --kv-dtype")
 
 
+def _kv_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``estimate`` keyword arguments for the KV flags."""
+    from simulator.strategies.kv import KVPolicy
+
+    options: dict[str, Any] = {"kv_residual": args.kv_residual, "kv_store": args.kv_store}
+    if args.kv_policy != "full" or args.kv_budget is not None:
+        options["kv_policy"] = KVPolicy(args.kv_policy, args.kv_budget, args.kv_sinks)
+    return options
+
+
 def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
     """``estimate`` keyword arguments for the strategy flags."""
     from simulator.specs.loader import load_model
-    from simulator.strategies.kv import KVPolicy
     from simulator.strategies.offload import OffloadPlan
 
-    options: dict[str, Any] = {"kv_residual": args.kv_residual, "kv_store": args.kv_store}
+    options = _kv_options(args)
     if args.draft_model:
         from simulator.strategies.speculative import Speculation
 
@@ -105,8 +119,6 @@ def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
                                              args.draft_hardware)
     elif args.spec_profile or args.draft_hardware:
         raise InferSimError("--spec-profile and --draft-hardware need --draft-model")
-    if args.kv_policy != "full" or args.kv_budget is not None:
-        options["kv_policy"] = KVPolicy(args.kv_policy, args.kv_budget, args.kv_sinks)
     if (args.offload_weights or args.offload_kv or args.layers_on_device is not None
             or args.host_compute or args.no_prefetch or args.expert_cache is not None):
         options["offload"] = OffloadPlan.build(
@@ -142,10 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--output-len", type=int, default=128, help="generated tokens (default 128)")
     plan.add_argument("--weight-dtype", default="bf16", choices=dtypes.WEIGHT_DTYPES)
     plan.add_argument("--kv-dtype", default=None, choices=dtypes.KV_DTYPES)
-    plan.add_argument("--kv-policy", default="full", choices=("full", "window", "streaming", "h2o"),
-                      help="KV eviction applied to every plan searched")
-    plan.add_argument("--kv-budget", type=float, help="tokens kept (> 1) or a fraction (<= 1)")
-    plan.add_argument("--kv-residual", type=int, default=0, help="KIVI recent tokens at full precision")
+    _add_kv_flags(plan.add_argument_group("KV cache (applied to every plan searched)"))
     plan.add_argument("--objective", default="throughput", choices=("throughput", "latency"))
     plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
@@ -198,8 +207,8 @@ def _estimate(args: argparse.Namespace):
     )
 
 
-def cmd_estimate(args: argparse.Namespace) -> int:
-    result = _estimate(args)
+def _print_result(result: Any, args: argparse.Namespace) -> int:
+    """An estimate as JSON (``--json``) or as tables (``--ops`` adds the per-op table)."""
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -207,31 +216,24 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     print_estimate(result, ops=args.ops)
     return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    return _print_result(_estimate(args), args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from simulator.scenario import run_scenario
 
-    result = run_scenario(args.scenario)
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-        return 0
-    from simulator.report.tables import print_estimate
-
-    print_estimate(result, ops=args.ops)
-    return 0
+    return _print_result(run_scenario(args.scenario), args)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from simulator.strategies.kv import KVPolicy
     from simulator.strategies.plan import search
 
-    kv: dict[str, Any] = {"kv_residual": args.kv_residual}
-    if args.kv_policy != "full" or args.kv_budget is not None:
-        kv["kv_policy"] = KVPolicy(args.kv_policy, args.kv_budget)
     choice = search(args.model, args.hardware, input_len=args.input_len, output_len=args.output_len,
                     objective=args.objective, batch=args.batch, max_batch=args.max_batch,
-                    weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype, **kv)
+                    weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype, **_kv_options(args))
     if args.json:
         print(json.dumps(choice.to_dict(), indent=2))
         return 0
