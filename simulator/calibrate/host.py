@@ -26,6 +26,7 @@ points and the residuals.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import multiprocessing as mp
 import os
@@ -35,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -184,22 +185,27 @@ class AfterGemm:
     over hot buffers, the same kernel runs faster than it does in the model.
     """
 
-    def __init__(self, cache_bytes: int, hidden: int = 1024, width: int = 2816):
+    def __init__(self, cache_bytes: int, hidden: int = 1024, width: int = 2816, rows: int = 1,
+                 spill: int = 2, seed: int = 3):
         from validation.executor.numpy_backend import NumpyBackend
 
-        rng = np.random.default_rng(3)
+        rng = np.random.default_rng(seed)
         self.backend = NumpyBackend()
-        copies = max(2, int(np.ceil(2 * cache_bytes / (hidden * width * 4))))
+        copies = max(2, int(np.ceil(spill * cache_bytes / (hidden * width * 4))))
         self.weights = [rng.standard_normal((hidden, width), dtype=np.float32) for _ in range(copies)]
-        self.x = rng.standard_normal((1, hidden), dtype=np.float32)
+        self.x = rng.standard_normal((rows, hidden), dtype=np.float32)
         self.turn = 0
+
+    def gemm(self) -> None:
+        """One projection on the next weights in turn (``spill`` x the cache in all: never cached)."""
+        self.turn += 1
+        self.backend.linear(self.x, self.weights[self.turn % len(self.weights)], None)
 
     def time(self, fn: Callable[[], object], repeats: int = 15) -> float:
         fn()
         times = []
         for _ in range(repeats):
-            self.turn += 1
-            self.backend.linear(self.x, self.weights[self.turn % len(self.weights)], None)
+            self.gemm()
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
@@ -352,12 +358,22 @@ def bench_dispatch() -> float:
     return median_time(lambda: np.add(a, a, out=b), min_repeats=2000, min_seconds=0.05)
 
 
-def read_file_into(path: Path, buffer: np.ndarray, chunk: int = 2**20) -> int:
-    """Read ``path`` into ``buffer`` from the drive (page cache dropped first), ``chunk`` bytes a call."""
+@contextlib.contextmanager
+def cold_fd(path: Path) -> Iterator[int]:
+    """A read-only descriptor of ``path`` with its pages dropped from the page cache, so that
+    reads come from the drive."""
     fd = os.open(path, os.O_RDONLY)
     try:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def read_file_into(path: Path, buffer: np.ndarray, chunk: int = 2**20) -> int:
+    """Read ``path`` into ``buffer`` from the drive (page cache dropped first), ``chunk`` bytes a call."""
+    with cold_fd(path) as fd:
         view, done = memoryview(buffer), 0
         while done < buffer.nbytes:
             got = os.readv(fd, [view[done:done + chunk]])
@@ -365,8 +381,6 @@ def read_file_into(path: Path, buffer: np.ndarray, chunk: int = 2**20) -> int:
                 break
             done += got
         return done
-    finally:
-        os.close(fd)
 
 
 class LayerFiles:
@@ -422,18 +436,11 @@ def bench_read_overlap(files: LayerFiles, host: Machine) -> dict[str, float]:
     """
     import threading
 
-    from validation.executor.numpy_backend import NumpyBackend
-
-    backend, rng = NumpyBackend(), np.random.default_rng(5)
-    cache = host.l3_bytes or 32 * 2**20
-    k, n = 1024, 2816
-    copies = max(2, int(np.ceil(4 * cache / (k * n * 4))))
-    weights = [rng.standard_normal((k, n), dtype=np.float32) for _ in range(copies)]
-    x = rng.standard_normal((8, k), dtype=np.float32)
+    stream = AfterGemm(host.l3_bytes or 32 * 2**20, rows=8, spill=4, seed=5)
 
     def gemms(count: int) -> None:
-        for i in range(count):
-            backend.linear(x, weights[i % copies], None)
+        for _ in range(count):
+            stream.gemm()
 
     start = time.perf_counter()
     files.read_all()
@@ -479,28 +486,17 @@ def bench_disk(folder: Path, quick: bool) -> dict[str, Any]:
                                "free_bytes": shutil.disk_usage(folder).free,
                                "write_bandwidth": write_bandwidth}
     try:
-
         for read_size in (64 * 2**10, 2**20, 16 * 2**20):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            with cold_fd(path) as fd:
                 start = time.perf_counter()
                 while os.read(fd, read_size):
                     pass
                 seconds = time.perf_counter() - start
-            finally:
-                os.close(fd)
             results[f"read_{read_size}"] = {"seconds": seconds, "bandwidth": size / seconds}
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with cold_fd(path) as fd:
             start = time.perf_counter()
             os.pread(fd, 4096, size // 2)
             results["latency_4k_s"] = time.perf_counter() - start
-        finally:
-            os.close(fd)
     finally:
         path.unlink(missing_ok=True)
     return results

@@ -141,14 +141,11 @@ class Transformer:
         if self.ops.name != "numpy":
             raise ValueError("disk-offloaded layers run on the numpy backend only")
         if self.disk is not None:
-            self.disk.close()
+            raise ValueError("this runtime's layers are already offloaded")
         self.disk = DiskLayers(self.weights.layers, layers, prefetch, folder)
         self.disk.profiler = self.profiler
-        offloaded_params = sum(a.size for layer in self.weights.layers[self.disk.first:]
-                               for _, a in _layer_arrays(layer))
         self.weights.layers = self.disk.resident + self.disk.templates
-        itemsize = DTYPE_BYTES[self.ops.dtype]
-        self.weight_bytes = (self.weight_bytes - offloaded_params * itemsize) + self.disk.buffer_bytes
+        self.weight_bytes = self.weight_bytes - self.disk.file_bytes + self.disk.buffer_bytes
 
     def close(self) -> None:
         if self.disk is not None:
@@ -251,12 +248,6 @@ class Transformer:
             shared = self._mlp(h, moe.shared, SHARED_NAMES)
             k("expert_combine", ops.add_, out, shared)
         return out
-
-
-def _layer_arrays(layer: LayerWeights) -> list:
-    from validation.executor.offload import _arrays
-
-    return _arrays(layer)
 
 
 MLP_NAMES = ("mlp_up_proj", "mlp_act", "mlp_down_proj")

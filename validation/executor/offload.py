@@ -17,7 +17,6 @@ Time the step spends waiting for a read is recorded as the op ``weight_load``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -27,37 +26,17 @@ from typing import Any
 
 import numpy as np
 
+from validation.executor.model import _convert
 from validation.executor.weights import LayerWeights
 
 CHUNK = 2**20  # bytes per read call, as calibration's disk benchmark reads
 
 
-def _arrays(obj: Any, path: tuple = ()) -> list[tuple[tuple, np.ndarray]]:
-    """Every array in a layer's weight tree with its path of field names and list indices."""
-    if isinstance(obj, np.ndarray):
-        return [(path, obj)]
-    if isinstance(obj, list):
-        return [item for i, value in enumerate(obj) for item in _arrays(value, (*path, i))]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return [item for f in dataclasses.fields(obj)
-                for item in _arrays(getattr(obj, f.name), (*path, f.name))]
-    return []
-
-
-def _rebuild(obj: Any, views: dict[tuple, np.ndarray], path: tuple = ()) -> Any:
-    if isinstance(obj, np.ndarray):
-        return views[path]
-    if isinstance(obj, list):
-        return [_rebuild(value, views, (*path, i)) for i, value in enumerate(obj)]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: _rebuild(getattr(obj, f.name), views, (*path, f.name))
-                                           for f in dataclasses.fields(obj)})
-    return obj
-
-
-def _placeholder(obj: Any) -> Any:
-    """The layer with each array replaced by an empty one of the same dtype (shape kept aside)."""
-    return _rebuild(obj, {p: np.empty(0, a.dtype) for p, a in _arrays(obj)})
+def _arrays(tree: Any) -> list[np.ndarray]:
+    """Every array of a layer's weight tree, in the order ``_convert`` visits them."""
+    found: list[np.ndarray] = []
+    _convert(tree, lambda array: found.append(array) or array)
+    return found
 
 
 class DiskLayers:
@@ -69,28 +48,29 @@ class DiskLayers:
             raise ValueError(f"offloaded layers must be between 0 and {len(layers)}")
         self.count = len(layers)
         self.first = len(layers) - offloaded
-        self.prefetch = prefetch
         self.resident = layers[:self.first]
         self.folder = Path(tempfile.mkdtemp(prefix="infersim-layers-", dir=folder))
         self.files: list[Path] = []
-        self.layouts: list[list[tuple[tuple, tuple[int, ...], np.dtype, int]]] = []
+        self.layouts: list[list[tuple[tuple[int, ...], np.dtype, int]]] = []
+        # Each offloaded layer stays as a tree of empty arrays; a read fills in views of a buffer.
         self.templates: list[LayerWeights] = []
-        size = 0
+        size = self.file_bytes = 0
         for index, layer in enumerate(layers[self.first:], start=self.first):
             path = self.folder / f"layer-{index}.bin"
             layout, offset = [], 0
             with open(path, "wb") as handle:
-                for key, array in _arrays(layer):
+                for array in _arrays(layer):
                     data = np.ascontiguousarray(array)
                     handle.write(data.tobytes())
-                    layout.append((key, data.shape, data.dtype, offset))
+                    layout.append((data.shape, data.dtype, offset))
                     offset += data.nbytes
                 handle.flush()
                 os.fsync(handle.fileno())
             self.files.append(path)
             self.layouts.append(layout)
-            self.templates.append(_placeholder(layer))
+            self.templates.append(_convert(layer, lambda array: np.empty(0, array.dtype)))
             size = max(size, offset)
+            self.file_bytes += offset
         self.layer_bytes = size
         self.buffers = [np.empty(size, np.uint8) for _ in range(2 if offloaded else 0)]
         self.pool = ThreadPoolExecutor(max_workers=1) if prefetch and offloaded else None
@@ -99,15 +79,8 @@ class DiskLayers:
         self.bytes_read = 0
 
     @property
-    def offloaded(self) -> int:
-        return self.count - self.first
-
-    @property
     def buffer_bytes(self) -> int:
         return sum(b.nbytes for b in self.buffers)
-
-    def __len__(self) -> int:
-        return self.count
 
     def _read(self, index: int) -> LayerWeights:
         from simulator.calibrate.host import read_file_into  # the read calibration times
@@ -116,9 +89,9 @@ class DiskLayers:
         buffer = self.buffers[slot % 2]
         done = read_file_into(self.files[slot], buffer[:self.layer_bytes], CHUNK)
         self.bytes_read += done
-        views = {key: buffer[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
-                 for key, shape, dtype, offset in self.layouts[slot]}
-        return _rebuild(self.templates[slot], views)
+        views = iter([buffer[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+                      for shape, dtype, offset in self.layouts[slot]])
+        return _convert(self.templates[slot], lambda _: next(views))
 
     def begin_step(self) -> None:
         """Start reading the first offloaded layer (prefetch), under the resident layers."""
