@@ -93,10 +93,8 @@ def _kv_options(args: argparse.Namespace) -> dict[str, Any]:
     """``estimate`` keyword arguments for the KV flags."""
     from simulator.strategies.kv import KVPolicy
 
-    options: dict[str, Any] = {"kv_residual": args.kv_residual, "kv_store": args.kv_store}
-    if args.kv_policy != "full" or args.kv_budget is not None:
-        options["kv_policy"] = KVPolicy(args.kv_policy, args.kv_budget, args.kv_sinks)
-    return options
+    return {"kv_residual": args.kv_residual, "kv_store": args.kv_store,
+            "kv_policy": KVPolicy.chosen(args.kv_policy, args.kv_budget, args.kv_sinks)}
 
 
 def strategy_options(args: argparse.Namespace) -> dict[str, Any]:

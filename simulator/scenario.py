@@ -114,8 +114,7 @@ def estimate_options(scenario: Scenario) -> dict[str, Any]:
     kv = scenario.strategy.kv
     options["kv_residual"] = kv.residual
     options["kv_store"] = kv.store
-    if kv.policy != "full" or kv.budget is not None:
-        options["kv_policy"] = KVPolicy(kv.policy, kv.budget, kv.sinks)
+    options["kv_policy"] = KVPolicy.chosen(kv.policy, kv.budget, kv.sinks)
     speculative = scenario.strategy.speculative
     if speculative is not None:
         from simulator.strategies.speculative import Speculation

@@ -59,6 +59,13 @@ class KVPolicy:
         if self.sinks < 0:
             raise InferSimError(f"--kv-sinks must be at least 0, got {self.sinks}")
 
+    @classmethod
+    def chosen(cls, kind: str, budget: float | None, sinks: int = 4) -> KVPolicy | None:
+        """The policy a flag set or scenario names; ``None`` for the default (keep everything)."""
+        if kind == "full" and budget is None:
+            return None
+        return cls(kind, budget, sinks)
+
     @property
     def evicts(self) -> bool:
         return self.kind != "full"
