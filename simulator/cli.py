@@ -73,6 +73,23 @@ def _add_strategy(parser: argparse.ArgumentParser) -> None:
     spec.add_argument("--spec-profile", metavar="A1,A2,...",
                       help="per-position acceptance instead of --spec-alpha, one per drafted token")
     spec.add_argument("--draft-hardware", help="run the draft on another device or system")
+    par = parser.add_argument_group("parallelism (over the devices of a system, e.g. --hardware dgx-h100)")
+    par.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    par.add_argument("--pp", type=int, default=1, help="pipeline stages (default 1)")
+    par.add_argument("--ep", type=int, default=1, help="expert-parallel degree, a multiple of --tp")
+    par.add_argument("--dp", type=int, default=1, help="data-parallel replicas; --batch is their total")
+    par.add_argument("--micro-batches", type=int, help="pipeline micro-batches per step (default: --pp)")
+    par.add_argument("--overlap", default="none",
+                     help="communication hidden under compute: none (default), partial, full, or 0..1")
+    par.add_argument("--sequence-parallel", action="store_true",
+                     help="reduce-scatter + all-gather instead of all-reduce; norms on 1/tp of the tokens")
+    par.add_argument("--expert-imbalance", type=float,
+                     help="busiest expert-parallel device's load over the mean (default: random routing)")
+    dis = parser.add_argument_group("prefill/decode disaggregation")
+    dis.add_argument("--prefill-hardware", help="run prefill on this pool (default --hardware)")
+    dis.add_argument("--decode-hardware", help="run decode on this pool (default --hardware)")
+    dis.add_argument("--kv-link", help="link the KV cache crosses: inter_node (default), intra_node, "
+                                       "host_device, or a bandwidth such as '50 GB/s'")
 
 
 def _add_kv_flags(group: Any) -> None:
@@ -117,6 +134,16 @@ def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
                                              args.draft_hardware)
     elif args.spec_profile or args.draft_hardware:
         raise InferSimError("--spec-profile and --draft-hardware need --draft-model")
+    if (args.tp, args.pp, args.ep, args.dp, args.micro_batches) != (1, 1, 1, 1, None) \
+            or args.sequence_parallel or args.overlap != "none" or args.expert_imbalance is not None:
+        from simulator.strategies.parallel import ParallelPlan
+
+        options["parallel"] = ParallelPlan(
+            tp=args.tp, pp=args.pp, ep=args.ep, dp=args.dp, micro_batches=args.micro_batches,
+            overlap=args.overlap, sequence_parallel=args.sequence_parallel,
+            expert_imbalance=args.expert_imbalance)
+    options.update(prefill_hardware=args.prefill_hardware, decode_hardware=args.decode_hardware,
+                   kv_link=args.kv_link)
     if (args.offload_weights or args.offload_kv or args.layers_on_device is not None
             or args.host_compute or args.no_prefetch or args.expert_cache is not None):
         options["offload"] = OffloadPlan.build(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,8 @@ from simulator.specs.loader import load_model, load_system
 from simulator.specs.model import ModelSpec
 from simulator.strategies.kv import KVPolicy
 from simulator.strategies.offload import OffloadPlan, cost_on_host, step_time, tier_memory
+from simulator.strategies.parallel import ParallelPlan, workers_on_host
+from simulator.strategies.parallel import step_time as parallel_step_time
 from simulator.strategies.speculative import Speculation, break_even_alpha
 
 
@@ -92,6 +95,10 @@ def memory_use(model: ModelSpec, device: Device, precision: Precision, batch: in
                      capacity=device.main_memory.capacity)
 
 
+StepRunner = Callable[..., PhaseResult]
+"""``(name, model, shape, extra_ops=None) -> PhaseResult``: one step under the estimate's plan."""
+
+
 def _offloaded(phase: PhaseResult, plan: OffloadPlan, system: System, model: ModelSpec,
                ops: list) -> PhaseResult:
     """The phase under an offload plan (off-device layers costed on the host with host compute)."""
@@ -107,7 +114,7 @@ def _offloaded(phase: PhaseResult, plan: OffloadPlan, system: System, model: Mod
 
 def _speculate(speculation: Speculation, spec: ModelSpec, kept_model: ModelSpec, system: System,
                precision: Precision, attention: AttentionImpl, batch: int, input_len: int, output_len: int,
-               contexts: np.ndarray, plain: PhaseResult, plan: OffloadPlan | None,
+               contexts: np.ndarray, plain: PhaseResult, run_step: StepRunner,
                dtypes_given: tuple) -> tuple[PhaseResult, dict, tuple[float, float]]:
     """The decode phase under speculation: (gamma draft steps + one verification) / expected tokens."""
     draft = load_model(speculation.draft)
@@ -121,10 +128,7 @@ def _speculate(speculation: Speculation, spec: ModelSpec, kept_model: ModelSpec,
     draft_ops = build_step(draft, StepShape("decode", batch, 1, contexts), draft_precision, attention)
     draft_step = _phase("draft", cost_ops(draft_ops, draft_system.device))
     verify_shape = StepShape("decode", batch, gamma + 1, contexts + gamma, logits=gamma + 1)
-    verify_ops = build_step(kept_model, verify_shape, precision, attention)
-    verify = _phase("decode", cost_ops(verify_ops, system.device))
-    if plan is not None:
-        verify = _offloaded(verify, plan, system, spec, verify_ops)
+    verify = run_step("decode", kept_model, verify_shape)
     tokens = speculation.expected_tokens()
     round_s = gamma * draft_step.time_s + verify.time_s
     per_token = round_s / tokens
@@ -167,6 +171,35 @@ def _tier_does_not_fit(model: ModelSpec, system: System, tiers: dict, plan: Offl
                 f"{(tier.used - tier.capacity) / gb:.1f} GB over ({parts}). {advice[name]}",
                 required_bytes=tier.used, capacity_bytes=tier.capacity)
     return None
+
+
+def parallel_memory(plan: ParallelPlan, model: ModelSpec, kept_model: ModelSpec, device: Device,
+                    precision: Precision, batch: int, input_len: int, output_len: int,
+                    prefill_costs: list[OpCost]) -> MemoryUse:
+    """One device of the busiest stage: its shard of the stage's layers, the embedding or the head
+    (the larger, or both without pipeline stages), and the KV cache of its attention group's
+    sequences for the stage's layers."""
+    shard, kept = plan.device_model(model), plan.device_model(kept_model)
+    sequences = batch // (plan.dp * plan.attention_groups)
+    use = memory_use(shard, device, precision, sequences, input_len, output_len, prefill_costs, kept)
+    frac = plan.stage_layers(model) / model.num_layers
+    embed = model.embedding_params() * precision.act_bytes
+    head = model.lm_head_params() * precision.act_bytes
+    outside = embed + head if plan.pp == 1 else max(embed, head)
+    return dataclasses.replace(use, weights=frac * (use.weights - embed - head) + outside,
+                               kv_cache=frac * use.kv_cache)
+
+
+def _parallel_does_not_fit(model: ModelSpec, device: Device, plan: ParallelPlan, batch: int,
+                           memory: MemoryUse) -> DoesNotFitError:
+    gb = 1e9
+    return DoesNotFitError(
+        f"{model.name} at batch {batch} with tp={plan.tp} pp={plan.pp} ep={plan.ep} dp={plan.dp} needs "
+        f"{memory.total / gb:.1f} GB per device on {device.name} ({memory.capacity / gb:.1f} GB): weights "
+        f"{memory.weights / gb:.1f} GB, KV cache {memory.kv_cache / gb:.1f} GB, activations "
+        f"{memory.activations / gb:.1f} GB. Raise --tp or --pp (each device then holds less of the "
+        f"weights and KV cache), lower the batch, or use a smaller dtype",
+        required_bytes=memory.total, capacity_bytes=memory.capacity)
 
 
 def _does_not_fit(model: ModelSpec, device: Device, precision: Precision, batch: int,
@@ -217,6 +250,10 @@ def estimate(
     kv_residual: int = 0,
     kv_store: str = "kv",
     speculative: Speculation | None = None,
+    parallel: ParallelPlan | None = None,
+    prefill_hardware: str | Path | System | None = None,
+    decode_hardware: str | Path | System | None = None,
+    kv_link: str | None = None,
 ) -> EstimateResult:
     """Predict latency, throughput, memory and energy of ``batch`` requests on one device.
 
@@ -229,8 +266,26 @@ def estimate(
     ``offload`` spreads weights and KV cache over device, host and disk
     (``simulator.strategies.offload``); ``kv_policy`` evicts KV tokens beyond a
     budget (``simulator.strategies.kv``); ``kv_residual`` keeps that many recent
-    tokens in the activation dtype when ``kv_dtype`` is quantized (KIVI).
+    tokens in the activation dtype when ``kv_dtype`` is quantized (KIVI); ``parallel``
+    splits the model over the system's devices (``simulator.strategies.parallel``): times are
+    then the whole step's, memory the busiest device's, and throughput all replicas'.
+    ``prefill_hardware``/``decode_hardware`` run the two phases on separate pools (each defaults
+    to ``hardware``) with the KV cache sent over ``kv_link``
+    (``simulator.strategies.disaggregation``).
     """
+    if prefill_hardware is not None or decode_hardware is not None:
+        from simulator.strategies.disaggregation import estimate_disaggregated
+
+        return estimate_disaggregated(
+            model, prefill_hardware or hardware, decode_hardware or hardware, kv_link,
+            batch=batch, input_len=input_len, output_len=output_len, weight_dtype=weight_dtype,
+            kv_dtype=kv_dtype, act_dtype=act_dtype, attention=attention, group_size=group_size,
+            decode_samples=decode_samples, check_memory=check_memory, offload=offload,
+            kv_policy=kv_policy, kv_residual=kv_residual, kv_store=kv_store, speculative=speculative,
+            parallel=parallel)
+    if kv_link is not None:
+        raise InferSimError("--kv-link names the link between prefill and decode pools; it needs "
+                            "--prefill-hardware or --decode-hardware")
     spec = load_model(model)
     system = load_system(hardware)
     device = system.device
@@ -263,26 +318,49 @@ def estimate(
             f"({spec.max_position_embeddings})"
         )
 
-    prefill_ops = build_step(spec, StepShape("prefill", batch, input_len, float(input_len)),
-                             precision, attention)
-    prefill = _phase("prefill", cost_ops(prefill_ops, device))
-    if plan is not None:
-        prefill = _offloaded(prefill, plan, system, spec, prefill_ops)
+    par = parallel if parallel is not None and parallel.active else None
+    if par is not None:
+        if plan is not None:
+            raise InferSimError("offloading under a parallel plan is not modelled; use one or the other")
+        if system.num_devices == 1 and device.type == "cpu" and par.devices > 1:
+            system = workers_on_host(system, par.devices)
+            device = system.device
+        par.check(spec, system, batch)
+
+    def run_step(name: str, model: ModelSpec, shape: StepShape,
+                 extra_ops: Callable[[ModelSpec, int], list] | None = None) -> PhaseResult:
+        if par is None:
+            ops = build_step(model, shape, precision, attention)
+            if extra_ops is not None:
+                ops += extra_ops(model, shape.batch)
+            phase = _phase(name, cost_ops(ops, device))
+            return _offloaded(phase, plan, system, spec, ops) if plan is not None else phase
+        local = dataclasses.replace(shape, batch=par.batch_per_device(shape.batch))
+        device_model = par.device_model(model)
+        ops = build_step(device_model, local, precision, attention,
+                         par.expert_shard(model, local.tokens * par.attention_groups))
+        if extra_ops is not None:
+            ops += extra_ops(device_model, local.batch)
+        costs = cost_ops(ops, device)
+        step = parallel_step_time(par, system, model, local.tokens, precision.act_bytes, costs, shape.phase)
+        return PhaseResult(phase=name, time_s=step.time_s, energy_j=step.energy_j, bound=step.bound,
+                           costs=costs, compute_s=step.compute_s, communication_s=step.communication_s,
+                           collectives=step.collectives)
+
+    prefill = run_step("prefill", spec, StepShape("prefill", batch, input_len, float(input_len)))
     kept_model = policy.decode_model(spec, input_len, output_len)
     decode = None
     if output_len > 1:
         contexts = decode_contexts(input_len, output_len, decode_samples)
-        decode_ops = build_step(kept_model, StepShape("decode", batch, 1, contexts), precision, attention)
-        decode_ops += policy.extra_ops(spec, batch, kept_model.cached_tokens(contexts), precision.act)
-        decode = _phase("decode", cost_ops(decode_ops, device))
-        if plan is not None:
-            decode = _offloaded(decode, plan, system, spec, decode_ops)
+        decode = run_step("decode", kept_model, StepShape("decode", batch, 1, contexts),
+                          lambda model, rows: policy.extra_ops(
+                              model, rows, kept_model.cached_tokens(contexts), precision.act))
 
     spec_info, draft_memory = None, (0.0, 0.0)
     if speculative is not None and decode is not None:
         decode, spec_info, draft_memory = _speculate(
             speculative, spec, kept_model, system, precision, attention, batch, input_len, output_len,
-            contexts, decode, plan, (weight_dtype, kv_dtype, act_dtype, group_size))
+            contexts, decode, run_step, (weight_dtype, kv_dtype, act_dtype, group_size))
         if not spec_info["pays"]:
             even = spec_info["break_even_alpha"]
             warnings.append(
@@ -291,7 +369,11 @@ def estimate(
                 + (f"it pays above alpha = {even:.2f}" if even is not None else
                    f"no acceptance rate makes gamma = {speculative.gamma} pay at batch {batch}"))
 
-    memory = memory_use(spec, device, precision, batch, input_len, output_len, prefill.costs, kept_model)
+    if par is None:
+        memory = memory_use(spec, device, precision, batch, input_len, output_len, prefill.costs, kept_model)
+    else:
+        memory = parallel_memory(par, spec, kept_model, device, precision, batch, input_len, output_len,
+                                 prefill.costs)
     if draft_memory != (0.0, 0.0):
         memory = dataclasses.replace(memory, weights=memory.weights + draft_memory[0],
                                      kv_cache=memory.kv_cache + draft_memory[1])
@@ -309,6 +391,8 @@ def estimate(
             raise problem
         if problem is not None:
             warnings.append(str(problem).split(":")[0])
+    elif check_memory and memory.total > memory.capacity and par is not None:
+        raise _parallel_does_not_fit(spec, device, par, batch, memory)
     elif check_memory and memory.total > memory.capacity:
         raise _does_not_fit(spec, device, precision, batch, input_len, output_len, memory)
     elif memory.total > memory.capacity:
@@ -323,6 +407,9 @@ def estimate(
         strategy["kv_residual_tokens"] = int(kv_residual)
     if spec_info is not None:
         strategy["speculative"] = spec_info
+    if par is not None:
+        strategy["parallel"] = {**par.to_dict(), "system": system.name, "device": device.name,
+                                "memory": "per device (the busiest stage's)"}
     if kv_store == "x":
         strategy["kv_store"] = "x (XQuant: layer input cached, K and V recomputed)"
 

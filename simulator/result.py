@@ -25,6 +25,10 @@ class PhaseResult:
     """Time on the device's (and host's) compute alone, where transfers add to it (offloading)."""
     transfers_s: dict[str, float] | None = None
     """Per link, the bytes moved in the step over its achievable rate."""
+    communication_s: float | None = None
+    """Under a parallel plan: the step's collectives and pipeline sends, before overlap."""
+    collectives: list[dict[str, Any]] | None = None
+    """Under a parallel plan: each kind of collective of the step, with count, bytes and time."""
 
     @property
     def power_w(self) -> float:
@@ -99,6 +103,8 @@ class EstimateResult:
     warnings: tuple[str, ...] = ()
     strategy: dict[str, Any] | None = None
     """Offload plan and KV policy, as given (``None``: everything on the device, full KV)."""
+    kv_transfer_s: float = 0.0
+    """Disaggregated prefill and decode: the KV transfer's exposed time, before the second token."""
 
     @property
     def decode_steps(self) -> int:
@@ -115,7 +121,7 @@ class EstimateResult:
 
     @property
     def e2e_s(self) -> float:
-        return self.ttft_s + self.decode_steps * self.tpot_s
+        return self.ttft_s + self.kv_transfer_s + self.decode_steps * self.tpot_s
 
     @property
     def output_tokens(self) -> int:
@@ -153,6 +159,11 @@ class EstimateResult:
                 compute = p.compute_s if p.compute_s is not None else p.time_s
                 out.update({"compute_s": compute, "transfer_wait_s": max(0.0, p.time_s - compute),
                             "transfers_s": p.transfers_s})
+            if p.communication_s is not None:
+                compute = p.compute_s if p.compute_s is not None else p.time_s
+                out.update({"compute_s": compute, "communication_s": p.communication_s,
+                            "exposed_communication_s": max(0.0, p.time_s - compute),
+                            "collectives": p.collectives})
             return out
 
         out: dict[str, Any] = {
@@ -168,6 +179,7 @@ class EstimateResult:
             "ttft_s": self.ttft_s,
             "tpot_s": self.tpot_s,
             "e2e_s": self.e2e_s,
+            "kv_transfer_s": self.kv_transfer_s,
             "throughput_tokens_per_s": self.throughput_tokens_per_s,
             "energy_j": self.energy_j,
             "energy_j_per_token": self.energy_j_per_token,

@@ -8,12 +8,15 @@ precision: {weight_dtype: bf16, kv_dtype: bf16}          # optional
 strategy:                                                 # optional
   offload: {weights: {host: 0.5, disk: 0.1}, kv: {host: 0.0}, prefetch: true}
   kv: {policy: h2o, budget: 0.2}
+  parallel: {tp: 4, pp: 2, micro_batches: 2, overlap: partial}
+  disaggregation: {prefill_hardware: dgx-h100, decode_hardware: dgx-a100, kv_link: inter_node}
 ```
 
 The strategy fields are the ``infersim estimate`` flags: ``offload.weights``
 is ``--offload-weights``, ``offload.layers_on_device`` is
 ``--layers-on-device``, ``kv.policy``/``budget``/``sinks``/``residual`` are
-``--kv-policy``/``--kv-budget``/``--kv-sinks``/``--kv-residual``.
+``--kv-policy``/``--kv-budget``/``--kv-sinks``/``--kv-residual``; ``parallel.tp`` is ``--tp``
+and so on.
 """
 
 from __future__ import annotations
@@ -75,8 +78,27 @@ class SpeculativeChoice(Spec):
     draft_hardware: str | None = None
 
 
+class ParallelChoice(Spec):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    ep: int = Field(1, ge=1)
+    dp: int = Field(1, ge=1)
+    micro_batches: int | None = Field(None, ge=1)
+    overlap: float | Literal["none", "partial", "full"] = "none"
+    sequence_parallel: bool = False
+    expert_imbalance: float | None = Field(None, ge=1)
+
+
+class DisaggregationChoice(Spec):
+    prefill_hardware: str | None = None
+    decode_hardware: str | None = None
+    kv_link: str | None = None
+
+
 class StrategyChoice(Spec):
     offload: OffloadChoice | None = None
+    parallel: ParallelChoice | None = None
+    disaggregation: DisaggregationChoice | None = None
     kv: KVChoice = KVChoice()
     speculative: SpeculativeChoice | None = None
 
@@ -103,6 +125,12 @@ def load_scenario(path: str | Path) -> Scenario:
         raise SpecError(str(path), None, "no such scenario file")
     scenario = validate(Scenario, read_yaml(path), str(path))
     folder = path.parent
+    split = scenario.strategy.disaggregation
+    if split is not None:
+        split = split.model_copy(update={k: _local(v, folder) for k, v in split.model_dump().items()
+                                         if k.endswith("hardware") and v is not None})
+        scenario = scenario.model_copy(update={
+            "strategy": scenario.strategy.model_copy(update={"disaggregation": split})})
     return scenario.model_copy(update={"model": _local(scenario.model, folder),
                                        "hardware": _local(scenario.hardware, folder),
                                        "name": scenario.name or path.stem})
@@ -121,6 +149,14 @@ def estimate_options(scenario: Scenario) -> dict[str, Any]:
 
         options["speculative"] = Speculation(speculative.draft, speculative.gamma, speculative.alpha,
                                              speculative.profile, speculative.draft_hardware)
+    parallel = scenario.strategy.parallel
+    if parallel is not None:
+        from simulator.strategies.parallel import ParallelPlan
+
+        options["parallel"] = ParallelPlan(**parallel.model_dump())
+    split = scenario.strategy.disaggregation
+    if split is not None:
+        options.update(split.model_dump())
     off = scenario.strategy.offload
     if off is not None:
         options["offload"] = OffloadPlan.build(

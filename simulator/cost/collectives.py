@@ -14,9 +14,15 @@ nodes each device has its own NIC (rail-optimised). For ``p`` devices and
 - across nodes, hierarchical: reduce-scatter within the node, all-reduce of
   ``n / d`` across nodes, all-gather within the node (``d`` devices per node)
 - send/recv: ``alpha + n / beta`` over the link joining the two devices
+- all-to-all (expert dispatch and combine; ``n`` the bytes each device sends in all): every
+  device exchanges with every other at once, ``alpha + (p-1)/p * n / beta`` on a switch; across
+  nodes the share ``(nodes-1)/nodes`` of ``n`` crosses the NICs, one after the intra-node part
+- reduce-scatter and all-gather (sequence parallelism): one ring phase,
+  ``(p-1) alpha + (p-1)/p * n / beta``; across nodes hierarchical as all-reduce's halves
 
 plus a fixed software cost per call (``collectives.launch``) and per algorithm
-(``collectives.latency``). The fastest
+(``collectives.latency``; a reduce-scatter or all-gather pays half the ring's, an all-to-all
+the send/recv's). The fastest
 available algorithm wins, as NCCL's tuner would choose. Sources: Thakur,
 Rabenseifner and Gropp (2005), "Optimization of collective communication
 operations in MPICH"; NCCL's documentation of ring and tree algorithms.
@@ -55,6 +61,17 @@ def _ring_phase(n: np.ndarray, p: int, link: Link) -> np.ndarray:
     return (p - 1) * link.latency + (p - 1) / p * n / link.rate
 
 
+def _all_to_all(n: np.ndarray, p: int, per_node: int, intra: Link | None,
+                inter: Link | None) -> np.ndarray:
+    nodes = math.ceil(p / per_node)
+    time = 0 * n
+    if intra is not None:
+        time = time + intra.latency + (per_node - 1) / p * n / intra.rate
+    if inter is not None:
+        time = time + inter.latency + (nodes - 1) / nodes * n / inter.rate
+    return time
+
+
 def _links(system: System, workers: int, per_node: int) -> tuple[Link | None, Link | None]:
     nodes = math.ceil(workers / per_node)
     intra = system.links.intra_node if per_node > 1 else None
@@ -67,6 +84,9 @@ def _links(system: System, workers: int, per_node: int) -> tuple[Link | None, Li
         raise InferSimError(
             f"{system.name} has {system.devices_per_node} devices per node, not {per_node}")
     return intra, inter
+
+
+COLLECTIVES = ("all_reduce", "all_to_all", "reduce_scatter", "all_gather", "send_recv")
 
 
 def collective_time_s(system: System, collective: str, size_bytes: np.ndarray | float,
@@ -84,8 +104,20 @@ def collective_time_s(system: System, collective: str, size_bytes: np.ndarray | 
         if link is None:
             return np.zeros_like(n)
         return spec.launch + spec.latency.get("send_recv", 0.0) + link.latency + n / link.rate
+    if collective == "all_to_all":
+        return spec.launch + spec.latency.get("send_recv", 0.0) + _all_to_all(n, workers, per_node,
+                                                                              intra, inter)
+    if collective in ("reduce_scatter", "all_gather"):
+        # One of a ring all-reduce's two phases: half its fixed software cost.
+        fixed = spec.launch + spec.latency.get("ring", 0.0) / 2
+        if nodes == 1:
+            assert intra is not None
+            return fixed + _ring_phase(n, workers, intra)
+        assert inter is not None
+        inside = _ring_phase(n, per_node, intra) if intra is not None else 0 * n
+        return fixed + inside + _ring_phase(n / per_node, nodes, inter)
     if collective != "all_reduce":
-        raise InferSimError(f"unknown collective {collective!r}; known: all_reduce, send_recv")
+        raise InferSimError(f"unknown collective {collective!r}; known: {', '.join(COLLECTIVES)}")
     if nodes == 1:
         assert intra is not None or workers == 1
         return spec.launch + (_all_reduce_flat(n, workers, intra, spec) if intra else 0 * n)

@@ -85,10 +85,32 @@ class StepShape:
         return pairs
 
 
+@dataclass(frozen=True)
+class ExpertShard:
+    """Expert parallelism: the device holds ``experts / devices`` of the model's experts and
+    receives the routed rows of ``group_tokens`` tokens (its expert-parallel group's), the
+    busiest device ``imbalance`` times the mean."""
+
+    experts: int
+    devices: int
+    group_tokens: Quantity
+    imbalance: float = 1.0
+
+    @property
+    def local_experts(self) -> int:
+        return self.experts // self.devices
+
+    def rows_for(self, top_k: int) -> Quantity:
+        """Routed token-rows the busiest device computes."""
+        return self.group_tokens * top_k / self.devices * self.imbalance
+
+
 class _Builder:
     """Holds the shape and precision while the per-block builders append ops."""
 
-    def __init__(self, model: ModelSpec, step: StepShape, precision: Precision, attention: AttentionImpl):
+    def __init__(self, model: ModelSpec, step: StepShape, precision: Precision, attention: AttentionImpl,
+                 experts: ExpertShard | None = None):
+        self.experts = experts
         self.m = model
         self.step = step
         self.p = precision
@@ -322,12 +344,22 @@ class _Builder:
             return
         h, T = self.m.hidden_size, self.T
         self.norm("post_attention_norm", h, count)
-        self.gemm("router", T, moe.num_experts, h, count, wbytes=self.a)
-        self.vector("topk_gate", T * moe.num_experts, T * moe.top_k, 5.0, count)
         routed = T * moe.top_k
-        touched = expected_experts_touched(moe.num_experts, moe.top_k, T)
-        single = expected_single_token_experts(moe.num_experts, moe.top_k, T)
-        self._mlp("experts", routed, moe.expert_intermediate_size, count, experts=touched,
+        shard = self.experts
+        if shard is None:
+            experts = moe.num_experts
+            touched = expected_experts_touched(moe.num_experts, moe.top_k, T)
+            single = expected_single_token_experts(moe.num_experts, moe.top_k, T)
+            rows = routed
+        else:
+            # Expert parallelism: this device's experts compute the rows the all-to-all brought,
+            # each row for one of its local experts.
+            experts, rows = shard.experts, shard.rows_for(moe.top_k)
+            touched = expected_experts_touched(shard.local_experts, 1, rows)
+            single = expected_single_token_experts(shard.local_experts, 1, rows)
+        self.gemm("router", T, experts, h, count, wbytes=self.a)
+        self.vector("topk_gate", T * experts, T * moe.top_k, 5.0, count)
+        self._mlp("experts", rows, moe.expert_intermediate_size, count, experts=touched,
                   single=single)
         if moe.num_shared_experts:
             self._mlp("shared_experts", T, moe.shared_intermediate * moe.num_shared_experts, count)
@@ -356,9 +388,13 @@ def build_step(
     step: StepShape,
     precision: Precision = Precision(),
     attention: AttentionImpl = "flash",
+    experts: ExpertShard | None = None,
 ) -> list[Op]:
-    """Every op of one forward step, in execution order of one layer (layers folded into count)."""
-    builder = _Builder(model, step, precision, attention)
+    """Every op of one forward step, in execution order of one layer (layers folded into count).
+
+    ``experts``: under expert parallelism, the device's share of the experts and the rows routed
+    to it (``model`` is then the device's shape, holding its local experts)."""
+    builder = _Builder(model, step, precision, attention, experts)
     builder.embedding()
     builder.attention_block()
     builder.dense_ffn(model.num_dense_layers)

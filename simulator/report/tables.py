@@ -34,7 +34,10 @@ def print_estimate(result: EstimateResult, ops: bool = False) -> None:
     table.add_row("TTFT", _s(result.ttft_s), f"prefill, {result.prefill.bound}-bound")
     if result.decode:
         table.add_row("TPOT", _s(result.tpot_s), f"mean decode step, {result.decode.bound}-bound")
-    table.add_row("end-to-end", _s(result.e2e_s), "TTFT + (output_len - 1) x TPOT")
+    if result.kv_transfer_s:
+        table.add_row("KV transfer", _s(result.kv_transfer_s), "exposed, prefill pool to decode pool")
+    table.add_row("end-to-end", _s(result.e2e_s), "TTFT + (output_len - 1) x TPOT"
+                  + (" + KV transfer" if result.kv_transfer_s else ""))
     table.add_row("throughput", f"{result.throughput_tokens_per_s:,.1f} tok/s", "output tokens")
     table.add_row("energy / token", f"{result.energy_j_per_token:.3f} J",
                   f"mean power {result.power_w:.0f} W")
@@ -49,7 +52,24 @@ def print_estimate(result: EstimateResult, ops: bool = False) -> None:
             moved = ", ".join(f"{k.replace('_', ' ')} {_s(v)}" for k, v in phase.transfers_s.items())
             wait = phase.time_s - (phase.compute_s or 0.0)
             table.add_row(f"{phase.phase} transfers", _s(max(wait, 0.0)), f"waiting; {moved}")
+    for phase in (result.prefill, result.decode):
+        if phase is not None and phase.collectives is not None:
+            each = ", ".join(f"{c['count']}x {c['name'].replace('_', ' ')} {_s(c['time_s'])}"
+                             for c in phase.collectives)
+            exposed = max(0.0, phase.time_s - (phase.compute_s or 0.0))
+            table.add_row(f"{phase.phase} communication", _s(phase.communication_s or 0.0),
+                          f"{_s(exposed)} exposed (with bubbles); {each or 'none'}")
     for key, value in (result.strategy or {}).items():
+        if key == "parallel":
+            degrees = ("tp", "pp", "ep", "dp", "micro_batches", "overlap")
+            value = ", ".join(f"{k} {value[k]}" for k in degrees) \
+                + f"; {value['devices']} devices of {value['device']}; memory per device"
+        if key == "disaggregation":
+            pre, dec, kv = value["prefill"], value["decode"], value["kv_transfer"]
+            value = (f"prefill on {pre['hardware']} ({_gb(pre['memory_bytes']['total'])} per device)"
+                     + (f", decode on {dec['hardware']} ({_gb(dec['memory_bytes']['total'])})" if dec else "")
+                     + f"; KV {_gb(kv['bytes'])} over {kv['link']} in {_s(kv['time_s'])}, "
+                       f"{_s(kv['exposed_s'])} exposed")
         table.add_row("strategy", key.replace("_", " "), str(value))
     console.print(table)
     for warning in result.warnings:
