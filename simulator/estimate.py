@@ -127,6 +127,10 @@ def _speculate(speculation: Speculation, spec: ModelSpec, kept_model: ModelSpec,
     gamma = speculation.gamma
     draft_ops = build_step(draft, StepShape("decode", batch, 1, contexts), draft_precision, attention)
     draft_step = _phase("draft", cost_ops(draft_ops, draft_system.device))
+    # The draft reads the prompt too before its first round.
+    draft_prefill = _phase("draft prefill", cost_ops(build_step(
+        draft, StepShape("prefill", batch, input_len, float(input_len)), draft_precision, attention),
+        draft_system.device))
     verify_shape = StepShape("decode", batch, gamma + 1, contexts + gamma, logits=gamma + 1)
     verify = run_step("decode", kept_model, verify_shape)
     tokens = speculation.expected_tokens()
@@ -135,6 +139,7 @@ def _speculate(speculation: Speculation, spec: ModelSpec, kept_model: ModelSpec,
     phase = dataclasses.replace(verify, time_s=per_token,
                                 energy_j=(gamma * draft_step.energy_j + verify.energy_j) / tokens)
     info = {
+        "draft_prefill_s": draft_prefill.time_s,
         "draft": draft.name, "draft_device": draft_system.device.name, "gamma": gamma,
         "alpha": speculation.alpha if speculation.profile is None else None,
         "profile": list(speculation.profile) if speculation.profile is not None else None,
@@ -145,6 +150,7 @@ def _speculate(speculation: Speculation, spec: ModelSpec, kept_model: ModelSpec,
         "break_even_alpha": break_even_alpha(gamma, round_s, plain.time_s),
     }
     same_device = draft_system.device == system.device and draft_system.name == system.name
+    info["draft_device_shared"] = same_device
     memory = (0.0, 0.0)
     if same_device:
         kv = batch * draft.cached_tokens(input_len + output_len - 1) * kv_bytes_per_token(
@@ -361,6 +367,10 @@ def estimate(
         decode, spec_info, draft_memory = _speculate(
             speculative, spec, kept_model, system, precision, attention, batch, input_len, output_len,
             contexts, decode, run_step, (weight_dtype, kv_dtype, act_dtype, group_size))
+        # The draft's prefill follows the target's on a shared device, runs beside it on its own.
+        ttft = (prefill.time_s + spec_info["draft_prefill_s"] if spec_info["draft_device_shared"]
+                else max(prefill.time_s, spec_info["draft_prefill_s"]))
+        prefill = dataclasses.replace(prefill, time_s=ttft)
         if not spec_info["pays"]:
             even = spec_info["break_even_alpha"]
             warnings.append(
