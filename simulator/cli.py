@@ -66,7 +66,11 @@ def _add_strategy(parser: argparse.ArgumentParser) -> None:
                        help="MoE: compute missed experts on the host CPU instead of fetching them")
     _add_kv_flags(group)
     spec = parser.add_argument_group("speculative decoding")
-    spec.add_argument("--draft-model", help="draft model (name or path); turns speculative decoding on")
+    spec.add_argument("--draft-model",
+                      help="draft model (name or path), or 'self' to draft with the target over a "
+                           "sparse KV cache (--draft-kv-budget); turns speculative decoding on")
+    spec.add_argument("--draft-kv-budget", type=int, metavar="TOKENS",
+                      help="the draft keeps only this many recent tokens of KV cache")
     spec.add_argument("--spec-gamma", type=int, default=4, help="tokens drafted per round (default 4)")
     spec.add_argument("--spec-alpha", type=float, default=0.8,
                       help="probability a drafted token is accepted (default 0.8)")
@@ -131,9 +135,9 @@ def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
                 raise InferSimError(f"--spec-profile {args.spec_profile!r}: give comma-separated "
                                     "acceptance rates, e.g. 0.9,0.8,0.7,0.6") from None
         options["speculative"] = Speculation(args.draft_model, args.spec_gamma, args.spec_alpha, profile,
-                                             args.draft_hardware)
-    elif args.spec_profile or args.draft_hardware:
-        raise InferSimError("--spec-profile and --draft-hardware need --draft-model")
+                                             args.draft_hardware, args.draft_kv_budget)
+    elif args.spec_profile or args.draft_hardware or args.draft_kv_budget:
+        raise InferSimError("--spec-profile, --draft-hardware and --draft-kv-budget need --draft-model")
     if (args.tp, args.pp, args.ep, args.dp, args.micro_batches) != (1, 1, 1, 1, None) \
             or args.sequence_parallel or args.overlap != "none" or args.expert_imbalance is not None:
         from simulator.strategies.parallel import ParallelPlan

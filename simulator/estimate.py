@@ -117,7 +117,7 @@ def _speculate(speculation: Speculation, spec: ModelSpec, kept_model: ModelSpec,
                contexts: np.ndarray, plain: PhaseResult, run_step: StepRunner,
                dtypes_given: tuple) -> tuple[PhaseResult, dict, tuple[float, float]]:
     """The decode phase under speculation: (gamma draft steps + one verification) / expected tokens."""
-    draft = load_model(speculation.draft)
+    draft = speculation.draft_model(spec)
     if draft.vocab_size != spec.vocab_size:
         raise InferSimError(f"the draft {draft.name} has a vocabulary of {draft.vocab_size} tokens and the "
                             f"target {spec.name} {spec.vocab_size}: speculative decoding needs the same one")
@@ -127,10 +127,11 @@ def _speculate(speculation: Speculation, spec: ModelSpec, kept_model: ModelSpec,
     gamma = speculation.gamma
     draft_ops = build_step(draft, StepShape("decode", batch, 1, contexts), draft_precision, attention)
     draft_step = _phase("draft", cost_ops(draft_ops, draft_system.device))
-    # The draft reads the prompt too before its first round.
-    draft_prefill = _phase("draft prefill", cost_ops(build_step(
+    # A separate draft reads the prompt too before its first round; a self-draft uses the
+    # target's cache.
+    draft_prefill = 0.0 if speculation.self_draft else _phase("draft prefill", cost_ops(build_step(
         draft, StepShape("prefill", batch, input_len, float(input_len)), draft_precision, attention),
-        draft_system.device))
+        draft_system.device)).time_s
     verify_shape = StepShape("decode", batch, gamma + 1, contexts + gamma, logits=gamma + 1)
     verify = run_step("decode", kept_model, verify_shape)
     tokens = speculation.expected_tokens()
@@ -139,7 +140,7 @@ def _speculate(speculation: Speculation, spec: ModelSpec, kept_model: ModelSpec,
     phase = dataclasses.replace(verify, time_s=per_token,
                                 energy_j=(gamma * draft_step.energy_j + verify.energy_j) / tokens)
     info = {
-        "draft_prefill_s": draft_prefill.time_s,
+        "draft_prefill_s": draft_prefill,
         "draft": draft.name, "draft_device": draft_system.device.name, "gamma": gamma,
         "alpha": speculation.alpha if speculation.profile is None else None,
         "profile": list(speculation.profile) if speculation.profile is not None else None,
@@ -155,7 +156,7 @@ def _speculate(speculation: Speculation, spec: ModelSpec, kept_model: ModelSpec,
     if same_device:
         kv = batch * draft.cached_tokens(input_len + output_len - 1) * kv_bytes_per_token(
             draft, draft_precision.kv, draft_precision.group_size)
-        memory = (weight_bytes(draft, draft_precision), kv)
+        memory = (0.0 if speculation.self_draft else weight_bytes(draft, draft_precision), kv)
     return phase, info, memory
 
 

@@ -76,6 +76,7 @@ class SpeculativeChoice(Spec):
     alpha: float | None = Field(0.8, ge=0, le=1)
     profile: tuple[float, ...] | None = None
     draft_hardware: str | None = None
+    draft_kv_budget: int | None = Field(None, ge=1)
 
 
 class ParallelChoice(Spec):
@@ -148,7 +149,8 @@ def estimate_options(scenario: Scenario) -> dict[str, Any]:
         from simulator.strategies.speculative import Speculation
 
         options["speculative"] = Speculation(speculative.draft, speculative.gamma, speculative.alpha,
-                                             speculative.profile, speculative.draft_hardware)
+                                             speculative.profile, speculative.draft_hardware,
+                                             speculative.draft_kv_budget)
     parallel = scenario.strategy.parallel
     if parallel is not None:
         from simulator.strategies.parallel import ParallelPlan

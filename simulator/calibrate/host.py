@@ -548,10 +548,11 @@ def bench_shared_memory(quick: bool) -> list[dict[str, float]]:
 # --- putting it together ------------------------------------------------------------------
 
 def _alpha_beta(rows: list[dict[str, float]]) -> tuple[float, float]:
-    """Least-squares ``t = alpha + bytes / beta``."""
+    """Least-squares ``t = alpha + bytes / beta`` in relative error (weights ``1/t``), so the
+    small sizes that set ``alpha`` count as much as the large ones that set ``beta``."""
     sizes = np.array([r["bytes"] for r in rows], float)
     seconds = np.array([r["seconds"] for r in rows], float)
-    slope, intercept = np.polyfit(sizes, seconds, 1)
+    slope, intercept = np.polyfit(sizes, seconds, 1, w=1.0 / seconds)
     return max(float(intercept), 1e-7), 1.0 / max(float(slope), 1e-15)
 
 

@@ -29,8 +29,34 @@ class Speculation:
     profile: tuple[float, ...] | None = None
     draft_hardware: str | Path | None = None
     """Run the draft on another device (a system name or file); ``None``: the target's device."""
+    draft_kv_budget: int | None = None
+    """The draft attends to (and caches) at most this many recent tokens. With ``draft="self"``
+    the target drafts for itself over that sparse cache, sharing its weights (TriForce, MagicDec)."""
+
+    @property
+    def self_draft(self) -> bool:
+        return isinstance(self.draft, str) and self.draft == "self"
+
+    def draft_model(self, target: ModelSpec) -> ModelSpec:
+        """The draft's shape: a named model, or the target itself; windowed by ``draft_kv_budget``."""
+        from simulator.specs.loader import load_model
+
+        draft = target if self.self_draft else load_model(self.draft)
+        if self.draft_kv_budget is None:
+            return draft
+        window = min(self.draft_kv_budget, draft.sliding_window or self.draft_kv_budget)
+        name = f"{draft.name} (self-draft)" if self.self_draft else draft.name
+        return draft.model_copy(update={"sliding_window": window, "name": name})
 
     def __post_init__(self) -> None:
+        if self.self_draft and self.draft_kv_budget is None:
+            raise InferSimError("--draft-model self drafts with the target over a sparse KV cache; give "
+                                "its size with --draft-kv-budget TOKENS (e.g. 4096)")
+        if self.draft_kv_budget is not None and (isinstance(self.draft_kv_budget, bool)
+                                                 or not isinstance(self.draft_kv_budget, int)
+                                                 or self.draft_kv_budget < 1):
+            raise InferSimError(f"--draft-kv-budget must be a whole number of tokens, at least 1; "
+                                f"got {self.draft_kv_budget!r}")
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, int) or not 1 <= self.gamma <= 64:
             raise InferSimError(f"--spec-gamma must be a whole number of drafted tokens from 1 to 64, "
                                 f"got {self.gamma!r}")
