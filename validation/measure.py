@@ -1,6 +1,6 @@
 """Run the reference executor over a grid of cases and record medians and noise.
 
-    python -m validation.measure --suite quick|full|strategies --out validation/measurements/FILE.csv
+    python -m validation.measure --suite quick|full|strategies|parallel --out validation/measurements/FILE.csv
 
 Each row is one case (model, batch, prompt and output length). Cases are run
 round-robin, ``--rounds`` times, so that each case's runs are spread over the
@@ -42,6 +42,13 @@ class Case:
     offload_layers: int = 0  # the last layers' weights on disk, read back every step
     prefetch: bool = True
     kv_window: int = 0  # KV eviction: decode attends to the last kv_window tokens (0: all)
+    tp: int = 1  # worker processes: tensor-, expert- and pipeline-parallel degrees
+    ep: int = 1
+    pp: int = 1
+    micro_batches: int = 1
+    draft: str = ""  # speculative decoding's draft model ("": none), drafting gamma tokens a round
+    gamma: int = 0
+    alpha: float = 0.0  # the seeded acceptance rate of a drafted token
 
     @property
     def key(self) -> str:
@@ -50,7 +57,26 @@ class Case:
             key += f"/disk{self.offload_layers}" + ("" if self.prefetch else "-noprefetch")
         if self.kv_window:
             key += f"/kvwin{self.kv_window}"
+        if self.tp > 1:
+            key += f"/tp{self.tp}"
+        if self.ep > 1:
+            key += f"/ep{self.ep}"
+        if self.pp > 1:
+            key += f"/pp{self.pp}-mb{self.micro_batches}"
+        if self.draft:
+            key += f"/spec-{self.draft}-g{self.gamma}-a{self.alpha:g}"
         return key
+
+    def options(self) -> dict[str, Any]:
+        """The case's strategy as ``execute`` keyword arguments."""
+        options: dict[str, Any] = {
+            "offload_layers": self.offload_layers, "prefetch": self.prefetch,
+            "kv_window": self.kv_window or None,
+            "tp": self.tp, "ep": self.ep, "pp": self.pp, "micro_batches": self.micro_batches,
+        }
+        if self.draft:
+            options.update(draft_model=self.draft, spec_gamma=self.gamma, spec_alpha=self.alpha)
+        return options
 
 
 def suite(name: str) -> list[Case]:
@@ -70,7 +96,31 @@ def suite(name: str) -> list[Case]:
         window = [Case("tiny-dense-58m", batch, 2048, 16, kv_window=w)
                   for batch in (1, 4) for w in (128, 512)]
         return offload + window
-    raise SystemExit(f"unknown suite {name!r}; choose quick, full or strategies")
+    if name == "parallel":
+        return parallel_suite()
+    raise SystemExit(f"unknown suite {name!r}; choose quick, full, strategies or parallel")
+
+
+def parallel_suite() -> list[Case]:
+    """Issue 5's plans as the executor runs them, each beside its one-process baseline: 34 cases.
+
+    TP 1/2 on both dense models and EP 1/2 on the MoE model (prefills capped at the full
+    suite's tokens per model), PP 2 with 1 and 2 micro-batches, and speculative decoding of
+    small-dense-250m drafted by tiny-dense-58m (same vocabulary) at gamma 1, 4, 8 and alpha 0.5, 0.9.
+    """
+    cap = dict(FULL_MODELS)
+    tensor = [Case(model, batch, prompt, 8, tp=tp)
+              for model in ("tiny-dense-58m", "small-dense-250m") for batch in (1, 8) for prompt in (128, 512)
+              if batch * prompt <= cap[model] for tp in (1, 2)]
+    expert = [Case("tiny-moe-140m", batch, prompt, 8, ep=ep)
+              for batch in (2, 8) for prompt in (128, 512) for ep in (1, 2)]
+    pipeline = [Case("small-dense-250m", 2, 128, 8)] + [  # batch 8's baseline is a TP case
+        Case("small-dense-250m", batch, 128, 8, pp=2, micro_batches=micro)
+        for batch in (2, 8) for micro in (1, 2)]
+    speculative = [Case("small-dense-250m", 1, 128, 32)] + [
+        Case("small-dense-250m", 1, 128, 32, draft="tiny-dense-58m", gamma=gamma, alpha=alpha)
+        for gamma in (1, 4, 8) for alpha in (0.5, 0.9)]
+    return tensor + expert + pipeline + speculative
 
 
 def _cv(values: list[float]) -> float:
@@ -92,10 +142,13 @@ class _Samples:
         tpot = [t for r in self.tpot for t in r]
         best = min(range(len(self.ttft)), key=lambda i: statistics.median(self.ttft[i]))
         detail = self.details[best]
+        parallel, speculative = detail.get("parallel") or {}, detail.get("speculative") or {}
         return {
             "case": case.key, "model": case.model, "batch": case.batch, "input_len": case.input_len,
             "output_len": case.output_len, "offload_layers": case.offload_layers,
             "prefetch": case.prefetch, "kv_window": case.kv_window,
+            "tp": case.tp, "ep": case.ep, "pp": case.pp, "micro_batches": case.micro_batches,
+            "draft": case.draft, "gamma": case.gamma, "alpha": case.alpha,
             "rounds": len(self.ttft), "repeats": len(ttft),
             "ttft_best_s": min(statistics.median(r) for r in self.ttft),
             "ttft_median_s": statistics.median(ttft), "ttft_min_s": min(ttft), "ttft_max_s": max(ttft),
@@ -108,6 +161,10 @@ class _Samples:
             "dispatch_decode_s": detail["dispatch_s_per_step"]["decode"],
             "kernels_decode": detail["kernels_per_step"]["decode"],
             "peak_memory_bytes": detail["peak_memory_bytes"],
+            # Rank 0's seconds per step in collectives; a speculative round's mean tokens.
+            "comm_prefill_s": parallel.get("prefill", {}).get("comm_s_per_step"),
+            "comm_decode_s": parallel.get("decode", {}).get("comm_s_per_step"),
+            "tokens_per_round": speculative.get("tokens_per_round"),
             "load_before": round(max(load[0] for load in self.loads), 2),
             "load_after": round(max(load[1] for load in self.loads), 2),
             "reruns": self.reruns,
@@ -146,8 +203,7 @@ def run(cases: list[Case], out: Path, repeats: int, rounds: int = 3) -> list[dic
                     load_before = os.getloadavg()[0]
                     result = execute(specs[case.model], batch=case.batch, input_len=case.input_len,
                                      output_len=case.output_len, repeats=repeats,
-                                     weights=weights[case.model], offload_layers=case.offload_layers,
-                                     prefetch=case.prefetch, kv_window=case.kv_window or None)
+                                     weights=weights[case.model], **case.options())
                     load_after = os.getloadavg()[0]
                     # This process keeps at most `cores` busy; more than one core's worth beyond
                     # that means someone else was running: run the round again, once.
@@ -171,7 +227,7 @@ def run(cases: list[Case], out: Path, repeats: int, rounds: int = 3) -> list[dic
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m validation.measure",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=("quick", "full", "strategies"), default="quick")
+    parser.add_argument("--suite", choices=("quick", "full", "strategies", "parallel"), default="quick")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--rounds", type=int, default=3,
                         help="passes over all cases, spreading each case's runs in time (default 3)")

@@ -11,7 +11,9 @@ cache on numpy (float32, CPU) or, optionally, PyTorch (CPU or CUDA)::
 Modules: ``weights`` (random parameters), ``model`` (the forward step, written
 once over a backend), ``numpy_backend`` / ``torch_backend`` (the ops),
 ``profiler`` (kernel timer), ``harness`` (generation and measurement),
-``results`` (records and medians), ``machine`` (what it ran on), ``cli``.
+``results`` (records and medians), ``machine`` (what it ran on), ``offload`` (layers on disk),
+``parallel`` (TP, EP and PP in worker processes over shared memory), ``speculative`` (a draft
+model's rounds verified by the target), ``cli``.
 """
 
 from validation.executor.harness import execute, generate, make_backend, prompt_tokens

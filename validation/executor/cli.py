@@ -2,6 +2,7 @@
 
     infersim execute --model tiny-dense-58m --batch 4 --input-len 256 --output-len 32 \\
         [--backend numpy|torch] [--device cpu|cuda] [--dtype float32] [--repeats 3] [--seed 0] [--json]
+        [--tp N | --ep N | --pp N [--micro-batches M]] [--draft-model NAME --spec-gamma G --spec-alpha A]
 
 ``simulator/cli.py`` wires it in with ``add_execute_parser(sub)`` and maps
 ``"execute"`` to ``cmd_execute``. Bad input raises ``InferSimError``, which the
@@ -50,6 +51,18 @@ def add_execute_parser(subparsers: Any) -> argparse.ArgumentParser:
     group.add_argument("--kv-policy", default="full", choices=("full", "window"),
                        help="window: decode attends to the last --kv-budget tokens")
     group.add_argument("--kv-budget", type=int, help="tokens kept by --kv-policy window")
+    plan = parser.add_argument_group("parallel plans, in worker processes on this host")
+    plan.add_argument("--tp", type=int, default=1, help="tensor-parallel workers (default 1)")
+    plan.add_argument("--ep", type=int, default=1,
+                      help="expert-parallel workers, attention data-parallel between them (default 1)")
+    plan.add_argument("--pp", type=int, default=1, help="pipeline stages, one worker each (default 1)")
+    plan.add_argument("--micro-batches", type=int, default=1,
+                      help="pipeline micro-batches per step (default 1)")
+    spec = parser.add_argument_group("speculative decoding")
+    spec.add_argument("--draft-model", help="draft model (name or path); turns speculative decoding on")
+    spec.add_argument("--spec-gamma", type=int, default=4, help="tokens drafted per round (default 4)")
+    spec.add_argument("--spec-alpha", type=float, default=0.8,
+                      help="probability a drafted token is accepted, drawn from the seed (default 0.8)")
     return parser
 
 
@@ -67,6 +80,8 @@ def strategy_options(args: argparse.Namespace, layers: int) -> dict[str, Any]:
         options["kv_window"] = args.kv_budget
     elif args.kv_budget is not None:
         raise InferSimError("--kv-budget needs --kv-policy window")
+    options.update(tp=args.tp, ep=args.ep, pp=args.pp, micro_batches=args.micro_batches,
+                   draft_model=args.draft_model, spec_gamma=args.spec_gamma, spec_alpha=args.spec_alpha)
     return options
 
 
@@ -126,7 +141,34 @@ def print_execution(report: dict[str, Any]) -> None:
                   f"weights {memory['weights_bytes'] / 2**20:.0f} + KV {memory['kv_cache_bytes'] / 2**20:.1f}"
                   f" + act {memory['activations_peak_bytes'] / 2**20:.1f} MiB")
     table.add_row("peak RSS", f"{memory['rss_peak_bytes'] / 2**20:.1f} MiB", "")
+    if "parallel" in report:
+        _parallel_rows(table, report["parallel"])
+    if "speculative" in report:
+        _speculative_rows(table, report["speculative"])
     console = Console()
     console.print(table)
     console.print(f"{machine.get('cpu_model')}, {machine.get('usable_cores')} cores, "
                   f"numpy {machine.get('numpy')}, BLAS {machine.get('blas', {}).get('name', '?')}")
+
+
+def _parallel_rows(table: Any, parallel: dict[str, Any]) -> None:
+    table.add_row("workers", f"{parallel['workers']}",
+                  f"tp {parallel['tp']}, ep {parallel['ep']}, pp {parallel['pp']}, "
+                  f"{parallel['micro_batches']} micro-batches")
+    for phase in ("prefill", "decode"):
+        collectives = parallel[phase]["collectives"]
+        calls = ", ".join(f"{c['calls']:.0f} {name} ({c['bytes'] / 2**10:.0f} KiB)"
+                          for name, c in collectives.items())
+        table.add_row(f"{phase} collectives / step (rank 0)", _ms(parallel[phase]["comm_s_per_step"]),
+                      calls or "-")
+
+
+def _speculative_rows(table: Any, speculative: dict[str, Any]) -> None:
+    table.add_row("draft", speculative["draft"],
+                  f"gamma {speculative['gamma']}, alpha {speculative['alpha']}")
+    per_round = speculative["tokens_per_round"]
+    table.add_row("rounds", f"{speculative['rounds']}",
+                  "-" if per_round is None else f"{per_round:.2f} tokens / round "
+                  f"(expected {speculative['expected_tokens_per_round']:.2f})")
+    table.add_row("draft step", _ms(speculative["draft_step_s"]), "")
+    table.add_row("verify step", _ms(speculative["verify_step_s"]), "")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import tracemalloc
+from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
@@ -66,8 +67,13 @@ def prompt_tokens(vocab_size: int, batch: int, input_len: int, seed: int) -> np.
     return np.random.default_rng(seed + 1).integers(0, vocab_size, size=(batch, input_len))
 
 
-def generate(runtime: Transformer, prompt: np.ndarray, output_len: int, cache: KVCache) -> Generation:
-    """Prefill the prompt, then ``output_len - 1`` greedy decode steps, timing each step."""
+def generate(runtime: Transformer, prompt: np.ndarray, output_len: int, cache: KVCache,
+             collectives: Callable[[], dict[str, tuple[int, int, float]]] | None = None) -> Generation:
+    """Prefill the prompt, then ``output_len - 1`` greedy decode steps, timing each step.
+
+    ``collectives`` (a parallel worker's ``ShmGroup.take_stats``) gives each step's calls, bytes and
+    seconds per collective when the step is done.
+    """
     profiler, ops = runtime.profiler, runtime.ops
     ids, start = prompt, 0
     tokens, steps = [], []
@@ -84,6 +90,7 @@ def generate(runtime: Transformer, prompt: np.ndarray, output_len: int, cache: K
                 phase="prefill" if index == 0 else "decode", wall_s=wall,
                 kernel_s=profiler.kernel_s, kernels=profiler.kernels,
                 ops={name: (total.count, total.time_s) for name, total in profiler.ops.items()},
+                collectives=collectives() if collectives is not None else {},
             ))
             tokens.append(next_ids)
             start += ids.shape[1]
@@ -92,7 +99,7 @@ def generate(runtime: Transformer, prompt: np.ndarray, output_len: int, cache: K
     return Generation(np.stack(tokens, axis=1), steps, e2e)
 
 
-def _check_shape(spec: ModelSpec, batch: int, input_len: int, output_len: int, repeats: int) -> None:
+def check_shape(spec: ModelSpec, batch: int, input_len: int, output_len: int, repeats: int) -> None:
     for name, value in (("batch", batch), ("input_len", input_len), ("output_len", output_len),
                         ("repeats", repeats)):
         if value < 1:
@@ -113,9 +120,12 @@ def estimate_bytes(spec: ModelSpec, batch: int, input_len: int, output_len: int,
     return spec.params() * bytes_per + cache + scores + 8 * batch * input_len * widest * 4
 
 
-def _check_fits(spec: ModelSpec, backend: Backend, batch: int, input_len: int, output_len: int) -> None:
+def check_fits(spec: ModelSpec, backend: Backend, batch: int, input_len: int, output_len: int,
+               extra_bytes: int = 0) -> None:
+    """``estimate_bytes`` plus ``extra_bytes`` (a draft model, worker processes' copies) against
+    the memory free on the backend's device."""
     bytes_per = 4 if backend.dtype == "float32" else 2
-    need = estimate_bytes(spec, batch, input_len, output_len, bytes_per)
+    need = estimate_bytes(spec, batch, input_len, output_len, bytes_per) + extra_bytes
     if backend.device == "cpu":
         have = machine.available_memory_bytes()
     else:
@@ -131,9 +141,9 @@ def _check_fits(spec: ModelSpec, backend: Backend, batch: int, input_len: int, o
         )
 
 
-def _measured_warmup(runtime: Transformer, prompt: np.ndarray, output_len: int,
-                     cache: KVCache) -> MemoryRecord:
-    backend = runtime.ops
+def measure_memory(backend: Backend, weights_bytes: int, kv_cache_bytes: int,
+                   run: Callable[[], object]) -> MemoryRecord:
+    """Run ``run`` (a warm-up generation) measuring the activation peak as the module docstring says."""
     cuda = backend.device.startswith("cuda")
     machine.reset_peak_rss()
     rss_before = machine.current_rss_bytes() or 0
@@ -142,23 +152,23 @@ def _measured_warmup(runtime: Transformer, prompt: np.ndarray, output_len: int,
 
         torch.cuda.reset_peak_memory_stats(backend.device)
         allocated = torch.cuda.memory_allocated(backend.device)
-        generate(runtime, prompt, output_len, cache)
+        run()
         activations = torch.cuda.max_memory_allocated(backend.device) - allocated
         method = "torch.cuda.max_memory_allocated"
     elif backend.name == "numpy":
         tracemalloc.start()
         try:
-            generate(runtime, prompt, output_len, cache)
+            run()
             activations = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
         method = "tracemalloc"
     else:
-        generate(runtime, prompt, output_len, cache)
+        run()
         activations = max(machine.peak_rss_bytes() - rss_before, 0)
         method = "rss growth"
     return MemoryRecord(
-        weights_bytes=runtime.weight_bytes, kv_cache_bytes=cache.nbytes(),
+        weights_bytes=weights_bytes, kv_cache_bytes=kv_cache_bytes,
         activations_peak_bytes=int(activations), rss_peak_bytes=machine.peak_rss_bytes(),
         method=f"weights + kv cache + activation peak ({method})",
     )
@@ -179,17 +189,49 @@ def execute(
     offload_layers: int = 0,
     prefetch: bool = True,
     kv_window: int | None = None,
+    tp: int = 1,
+    ep: int = 1,
+    pp: int = 1,
+    micro_batches: int = 1,
+    draft_model: str | ModelSpec | None = None,
+    spec_gamma: int = 4,
+    spec_alpha: float = 0.8,
 ) -> ExecutionResult:
     """Run ``warmup`` + ``repeats`` greedy generations of ``batch`` random prompts; medians and noise.
 
     ``weights`` (from ``init_weights(spec, seed)``) saves building them again when one model
-    runs many cases.
+    runs many cases. A parallel plan (``tp``, ``ep``, ``pp``, ``micro_batches``) runs in worker
+    processes (``validation.executor.parallel``), which draw their own weights; ``draft_model``
+    turns on speculative decoding (``validation.executor.speculative``), ``weights`` being the
+    target's. Neither combines with offloading or a KV window.
     """
     spec = model if isinstance(model, ModelSpec) else load_model(model)
+    parallel = (tp, ep, pp, micro_batches) != (1, 1, 1, 1)
+    if parallel or draft_model is not None:
+        if offload_layers or kv_window is not None:
+            raise InferSimError("parallel plans and speculative decoding run without offloaded layers "
+                                "or a KV window; drop --offload-weights / --kv-policy")
+        if parallel and draft_model is not None:
+            raise InferSimError("speculative decoding runs in one process; drop --tp/--ep/--pp/"
+                                "--micro-batches or --draft-model")
+        if backend != "numpy" or device != "cpu":
+            raise InferSimError("parallel plans and speculative decoding run on the numpy backend "
+                                f"on the CPU only (got {backend}/{device})")
+        if parallel:
+            from validation.executor.parallel import execute_parallel
+
+            return execute_parallel(spec, batch, input_len, output_len, tp=tp, ep=ep, pp=pp,
+                                    micro_batches=micro_batches, repeats=repeats, warmup=warmup,
+                                    seed=seed, dtype=dtype)
+        from validation.executor.speculative import execute_speculative
+
+        return execute_speculative(spec, draft_model, batch, input_len, output_len, spec_gamma,
+                                   spec_alpha, repeats=repeats, warmup=warmup, seed=seed,
+                                   weights=weights)
     check_supported(spec)
-    _check_shape(spec, batch, input_len, output_len, repeats)
+    check_shape(spec, batch, input_len, output_len, repeats)
     runtime_backend = make_backend(backend, device, dtype)
-    _check_fits(spec, runtime_backend, batch, input_len, output_len)
+    check_fits(spec, runtime_backend, batch, input_len, output_len)
     if not 0 <= offload_layers <= spec.num_layers:
         raise InferSimError(f"offloaded layers must be between 0 and {spec.num_layers} "
                             f"({spec.name} has {spec.num_layers}), got {offload_layers}")
@@ -209,21 +251,30 @@ def _run(runtime: Transformer, spec: ModelSpec, runtime_backend: Backend, batch:
          output_len: int, repeats: int, warmup: int, seed: int) -> ExecutionResult:
     prompt = prompt_tokens(spec.vocab_size, batch, input_len, seed)
     cache = runtime.new_cache(batch, input_len + output_len - 1)
-    memory = _measured_warmup(runtime, prompt, output_len, cache)
+    memory = measure_memory(runtime.ops, runtime.weight_bytes, cache.nbytes(),
+                            lambda: generate(runtime, prompt, output_len, cache))
     for _ in range(warmup - 1):
         generate(runtime, prompt, output_len, cache)
     cpu_before, load_before = machine.cpu_times(), os.getloadavg()[0]
     runs = [generate(runtime, prompt, output_len, cache) for _ in range(repeats)]
     contention = machine.contention(cpu_before, load_before)
+    return summarize(spec, runtime_backend, input_len, seed, memory, runs, contention,
+                     machine.machine_info(runtime_backend.name, runtime_backend.device))
+
+
+def summarize(spec: ModelSpec, backend: Backend, input_len: int, seed: int, memory: MemoryRecord,
+              runs: list[Generation], contention: dict[str, float | None],
+              machine_info: dict[str, Any]) -> ExecutionResult:
+    """The result of timed generations ``runs``: per-repeat metrics and the median repeat's op table."""
     results = [RepeatResult.of(run) for run in runs]
     # The per-op table of the repeat whose e2e is the median.
     middle = sorted(range(len(runs)), key=lambda i: runs[i].e2e_s)[len(runs) // 2]
     ops: dict[str, Any] = {"prefill": op_breakdown(runs[middle].steps[:1]),
                            "decode": op_breakdown(runs[middle].decode_steps)}
+    batch, output_len = runs[0].tokens.shape
     return ExecutionResult(
-        model=spec.name, backend=runtime_backend.name, device=runtime_backend.device,
-        dtype=runtime_backend.dtype, batch=batch, input_len=input_len, output_len=output_len,
-        seed=seed, memory=memory, repeats=results, ops=ops,
-        output_tokens=[int(t) for t in runs[-1].tokens[0]], contention=contention,
-        machine=machine.machine_info(runtime_backend.name, runtime_backend.device),
+        model=spec.name, backend=backend.name, device=backend.device, dtype=backend.dtype, batch=batch,
+        input_len=input_len, output_len=output_len, seed=seed, memory=memory, repeats=results,
+        ops=ops, output_tokens=[int(t) for t in runs[-1].tokens[0]], contention=contention,
+        machine=machine_info,
     )

@@ -94,7 +94,7 @@ class Backend(Protocol):
     def take_rows(self, x: Any, rows: Any) -> Any: ...
     def zeros_like(self, x: Any) -> Any: ...
     def scatter_add_rows(self, out: Any, rows: Any, y: Any, gates: Any) -> None: ...
-    def last_positions(self, x: Any, batch: int) -> Any: ...
+    def last_positions(self, x: Any, batch: int, count: int) -> Any: ...
     def argmax(self, logits: Any) -> np.ndarray: ...
 
 
@@ -112,7 +112,10 @@ def _convert(obj: Any, fn: Any) -> Any:
 
 
 class Transformer:
-    """``forward(ids, start, cache)`` -> logits of each sequence's last position."""
+    """``forward(ids, start, cache)`` -> logits of each sequence's last position.
+
+    ``forward`` is ``embed``, ``run_layers``, ``head``: a pipeline stage calls the parts it holds.
+    """
 
     def __init__(self, spec: ModelSpec, backend: Backend, weights: ModelWeights,
                  profiler: KernelProfiler | None = None):
@@ -155,7 +158,7 @@ class Transformer:
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         s = self.spec
         self._ensure_rope(max_len)
-        return self.ops.new_cache(s.num_layers, batch, s.kv_heads, max_len, s.head_size)
+        return self.ops.new_cache(len(self.weights.layers), batch, s.kv_heads, max_len, s.head_size)
 
     def _ensure_rope(self, length: int) -> None:
         if self.spec.position_encoding == "rope" and length > self._rope_len:
@@ -164,16 +167,29 @@ class Transformer:
 
     # --- the step ----------------------------------------------------------------------
 
-    def forward(self, ids: np.ndarray, start: int, cache: KVCache | None) -> Any:
-        """Logits ``[B, V]`` of the last position; ``cache=None`` attends to this step's tokens only."""
+    def forward(self, ids: np.ndarray, start: int, cache: KVCache | None, last: int | None = None) -> Any:
+        """Logits ``[B, V]`` of the last position, or ``[B, last, V]`` of the last ``last`` positions
+        (a speculative verify step); ``cache=None`` attends to this step's tokens only."""
+        batch = ids.shape[0]
+        x = self.embed(ids, start)
+        x = self.run_layers(x, batch, start, cache)
+        return self.head(x, batch, last)
+
+    def embed(self, ids: np.ndarray, start: int) -> Any:
+        """``x [B*T, h]`` of tokens ``ids [B, T]`` at positions ``start ..``; the first pipeline stage."""
         k, w = self.profiler, self.weights
-        batch, tokens = ids.shape
-        if cache is None:
-            self._ensure_rope(start + tokens)
         x = k("embedding", self.ops.embedding, w.embedding, ids)
         if w.position_embedding is not None:
-            positions = np.arange(start, start + tokens)
-            x = k("position_embedding", self.ops.add_positions, x, w.position_embedding, positions, batch)
+            positions = np.arange(start, start + ids.shape[1])
+            x = k("position_embedding", self.ops.add_positions, x, w.position_embedding, positions,
+                  ids.shape[0])
+        return x
+
+    def run_layers(self, x: Any, batch: int, start: int, cache: KVCache | None) -> Any:
+        """Every layer this runtime holds over ``x`` (all of them, or a pipeline stage's)."""
+        k, w = self.profiler, self.weights
+        if cache is None:
+            self._ensure_rope(start + x.shape[0] // batch)
         if self.disk is not None:
             self.disk.begin_step()
         for index in range(len(w.layers)):
@@ -185,10 +201,22 @@ class Transformer:
             else:
                 assert layer.mlp is not None
                 y = self._mlp(h, layer.mlp, MLP_NAMES)
-            k("residual_add", self.ops.add_, x, y)
-        last = self.ops.last_positions(x, batch)
-        last = k("final_norm", self._norm, last, w.final_norm)
-        return k("lm_head", self.ops.linear, last, w.lm_head, None)
+            k("residual_add", self.ops.add_, x, self.reduce(y))
+        return x
+
+    def head(self, x: Any, batch: int, last: int | None = None) -> Any:
+        """Final norm and LM head of each sequence's last position (``[B, V]``), or of its last
+        ``last`` positions (``[B, last, V]``); the last pipeline stage."""
+        k, w = self.profiler, self.weights
+        rows = self.ops.last_positions(x, batch, last or 1)
+        rows = k("final_norm", self._norm, rows, w.final_norm)
+        logits = k("lm_head", self.ops.linear, rows, w.lm_head, None)
+        return logits if last is None else logits.reshape(batch, last, -1)
+
+    def reduce(self, partial: Any) -> Any:
+        """The sum of a row-parallel output over tensor-parallel shards: ``partial`` itself in one
+        process; ``validation.executor.parallel`` puts an all-reduce here."""
+        return partial
 
     def _norm(self, x: Any, norm: NormWeights) -> Any:
         if self.spec.norm == "layernorm":
@@ -221,7 +249,7 @@ class Transformer:
             k_start = start
         out = k("attention", ops.attention, q, key, value, start, k_start, s.sliding_window)
         attn = k("o_proj", ops.linear, out, layer.o, layer.o_bias)
-        k("residual_add", ops.add_, x, attn)
+        k("residual_add", ops.add_, x, self.reduce(attn))
 
     def _mlp(self, x: Any, mlp: MLPWeights, names: tuple[str, str, str]) -> Any:
         k, ops = self.profiler, self.ops

@@ -193,8 +193,9 @@ class NumpyBackend:
         y *= gates[:, None]
         out[rows] += y
 
-    def last_positions(self, x: Array, batch: int) -> Array:
-        return x.reshape(batch, -1, x.shape[-1])[:, -1]
+    def last_positions(self, x: Array, batch: int, count: int) -> Array:
+        """The rows of each sequence's last ``count`` positions, ``[B*count, h]``."""
+        return x.reshape(batch, -1, x.shape[-1])[:, -count:].reshape(batch * count, -1)
 
     def argmax(self, logits: Array) -> np.ndarray:
         return np.argmax(logits, axis=-1)

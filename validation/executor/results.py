@@ -23,6 +23,8 @@ class StepRecord:
     kernel_s: float
     kernels: int
     ops: dict[str, tuple[int, float]]  # op name -> (kernels, seconds)
+    # Worker processes' collectives: name -> (calls, bytes, seconds), waits for peers included.
+    collectives: dict[str, tuple[int, int, float]] = field(default_factory=dict)
 
     @property
     def dispatch_s(self) -> float:
@@ -131,6 +133,8 @@ class ExecutionResult:
     output_tokens: list[int]  # greedy tokens of the first sequence
     contention: dict[str, float | None] = field(default_factory=dict)
     machine: dict[str, Any] = field(default_factory=dict)
+    parallel: dict[str, Any] | None = None  # worker processes: degrees and collectives per step
+    speculative: dict[str, Any] | None = None  # draft model: gamma, alpha, rounds, step times
 
     def median(self, attr: str) -> float | None:
         return _median([getattr(r, attr) for r in self.repeats])
@@ -173,4 +177,6 @@ class ExecutionResult:
             "output_tokens": self.output_tokens,
             "repeats": [asdict(r) for r in self.repeats],
             "machine": self.machine,
+            **({"parallel": self.parallel} if self.parallel is not None else {}),
+            **({"speculative": self.speculative} if self.speculative is not None else {}),
         }

@@ -194,8 +194,8 @@ class TorchBackend:
     def scatter_add_rows(self, out: Any, rows: Any, y: Any, gates: Any) -> None:
         out.index_add_(0, rows, y * gates[:, None].to(y.dtype))
 
-    def last_positions(self, x: Any, batch: int) -> Any:
-        return x.view(batch, -1, x.shape[-1])[:, -1]
+    def last_positions(self, x: Any, batch: int, count: int) -> Any:
+        return x.view(batch, -1, x.shape[-1])[:, -count:].reshape(batch * count, -1)
 
     def argmax(self, logits: Any) -> np.ndarray:
         return logits.argmax(dim=-1).cpu().numpy()
