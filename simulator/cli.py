@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hardware YAML to write, e.g. hardware_specs/local/NAME.yaml")
     cal.add_argument("--name", help="device name (default: the file name)")
     cal.add_argument("--quick", action="store_true", help="fewer sizes and shorter timings (~1 min)")
+    cal.add_argument("--only", choices=("shared-memory",),
+                     help="re-measure only the shared-memory link and the executor's collectives of an "
+                          "existing --out file, keeping the rest")
 
     from validation.executor.cli import add_execute_parser
 
@@ -358,6 +361,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from simulator.calibrate.host import main_calibrate
 
+    if args.only == "shared-memory":
+        from simulator.calibrate.host import update_shared
+
+        return update_shared(Path(args.out), args.quick)
     return main_calibrate(Path(args.out), args.quick, args.name)
 
 

@@ -28,6 +28,8 @@ from simulator.estimate import estimate
 from simulator.specs.loader import load_model, load_system
 from simulator.strategies.kv import KVPolicy
 from simulator.strategies.offload import OffloadPlan
+from simulator.strategies.parallel import ParallelPlan
+from simulator.strategies.speculative import Speculation, acceptance_for
 
 REQUIRED = ["case", "model", "batch", "input_len", "output_len", "ttft_median_s", "tpot_median_s"]
 EXECUTOR_SETTINGS = {"weight_dtype": "fp32", "kv_dtype": "fp32", "act_dtype": "fp32", "attention": "naive"}
@@ -55,6 +57,17 @@ def _strategy(row: Any) -> dict[str, Any]:
     window = int(getattr(row, "kv_window", 0) or 0)
     if window:
         options["kv_policy"] = KVPolicy("window", window)
+    degrees = {name: int(getattr(row, name, 1) or 1) for name in ("tp", "ep", "pp", "micro_batches")}
+    if any(value > 1 for value in degrees.values()):
+        options["parallel"] = ParallelPlan(**degrees)
+    draft = getattr(row, "draft", "")
+    if isinstance(draft, str) and draft:
+        gamma = int(row.gamma)
+        # Acceptance is an input, set by the executor's seeded rule: predict with the rate that
+        # gives the tokens per round the run drew (its last round truncated), not the nominal one.
+        drawn = float(getattr(row, "tokens_per_round", 0) or 0)
+        alpha = acceptance_for(drawn, gamma) if drawn else float(row.alpha)
+        options["speculative"] = Speculation(draft, gamma, alpha)
     return options
 
 

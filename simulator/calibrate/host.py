@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from simulator.errors import InferSimError
 from simulator.graph.ops import Op
 from simulator.graph.transformer import Precision, StepShape, build_step
 from simulator.specs.hardware import Device
@@ -545,6 +546,48 @@ def bench_shared_memory(quick: bool) -> list[dict[str, float]]:
     return rows
 
 
+def bench_shared(quick: bool, cores: int) -> dict[str, Any]:
+    """Copies through shared memory, and (with two cores or more) the executor's own collectives
+    between two worker processes, each fitted to ``latency + bytes / bandwidth``."""
+    rows = bench_shared_memory(quick)
+    latency, bandwidth = _alpha_beta(rows)
+    shared: dict[str, Any] = {"rows": rows, "latency_s": latency, "bandwidth_bytes_per_s": bandwidth,
+                              "date": dt.datetime.now().isoformat(timespec="seconds")}
+    if cores >= 2:
+        from validation.executor.parallel import bench_collectives
+
+        collectives = {}
+        for name, points in bench_collectives(rounds=9 if quick else 21).items():
+            a, b = _alpha_beta(points)
+            collectives[name] = {"workers": 2, "latency_s": a, "bandwidth_bytes_per_s": b, "rows": points}
+        shared["collectives"] = collectives
+    return shared
+
+
+def update_shared(out: Path, quick: bool) -> int:
+    """Re-measure only the shared-memory link and collectives of a calibrated host file."""
+    from simulator.calibrate.operators import _round
+    from simulator.specs.loader import load_device
+
+    document = yaml.safe_load(out.read_text())
+    fit = (document.get("efficiency") or {}).get("fit")
+    if not isinstance(fit, dict):
+        raise InferSimError(f"{out}: not a file written by infersim calibrate (no efficiency.fit)")
+    host = machine()
+    recorded = (fit.get("machine") or {}).get("cpu")
+    if recorded and recorded != host.cpu:
+        raise InferSimError(f"{out} was calibrated on {recorded!r}, this is {host.cpu!r}: calibrate anew")
+    fit["shared_memory"] = _round({**bench_shared(quick, host.cores), "machine": host.describe(),
+                                   "command": f"infersim calibrate --out {out} --only shared-memory"})
+    write_yaml(document, out)
+    load_device(out)
+    collectives = fit["shared_memory"].get("collectives", {})
+    print(f"updated {out}: " + ", ".join(
+        f"{k} {v['latency_s'] * 1e6:.0f} us + bytes / {v['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s"
+        for k, v in collectives.items()))
+    return 0
+
+
 # --- putting it together ------------------------------------------------------------------
 
 def _alpha_beta(rows: list[dict[str, float]]) -> tuple[float, float]:
@@ -600,8 +643,7 @@ def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
     progress("disk and shared memory")
     disk = bench_disk(Path(scratch or tempfile.gettempdir()), quick)
     disk.update({"read_into_buffer": read_into_buffer, "read_overlap": read_overlap})
-    shm_rows = bench_shared_memory(quick)
-    shm_latency, shm_bandwidth = _alpha_beta(shm_rows)
+    shared = bench_shared(quick, host.cores)
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
 
     base = {
@@ -628,15 +670,14 @@ def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
     command = "infersim calibrate --out OUT" + (" --quick" if quick else "")
     info = {**info, "executor_dispatch": executor_dispatch, "passes": passes}
     document = _yaml_document(fitted, info, host, command, quick, stream, dram, dispatch, disk,
-                              shm_rows, shm_latency, shm_bandwidth, points, load_before, load_after)
+                              shared, points, load_before, load_after)
     return document, fitted
 
 
 def _yaml_document(fitted: Device, info: dict[str, Any], host: Machine, command: str, quick: bool,
                    stream: list[dict[str, float]], dram: float, dispatch: float, disk: dict[str, Any],
-                   shm_rows: list[dict[str, float]], shm_latency: float, shm_bandwidth: float,
-                   points: Points, load_before: tuple[float, ...], load_after: tuple[float, ...],
-                   ) -> dict[str, Any]:
+                   shared: dict[str, Any], points: Points, load_before: tuple[float, ...],
+                   load_after: tuple[float, ...]) -> dict[str, Any]:
     from simulator.calibrate.operators import _round
 
     eff = fitted.efficiency
@@ -690,8 +731,7 @@ def _yaml_document(fitted: Device, info: dict[str, Any], host: Machine, command:
                 "dispatch_s_per_numpy_call": dispatch,
                 "stream": stream,
                 "disk": disk,
-                "shared_memory": {"rows": shm_rows, "latency_s": shm_latency,
-                                  "bandwidth_bytes_per_s": shm_bandwidth},
+                "shared_memory": shared,
                 "points": points.raw,
             }),
         },

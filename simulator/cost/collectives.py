@@ -22,10 +22,12 @@ nodes each device has its own NIC (rail-optimised). For ``p`` devices and
 
 plus a fixed software cost per call (``collectives.launch``) and per algorithm
 (``collectives.latency``; a reduce-scatter or all-gather pays half the ring's, an all-to-all
-the send/recv's). The fastest
-available algorithm wins, as NCCL's tuner would choose. Sources: Thakur,
-Rabenseifner and Gropp (2005), "Optimization of collective communication
+the send/recv's). The fastest available algorithm wins, as NCCL's tuner would choose.
+Sources: Thakur, Rabenseifner and Gropp (2005), "Optimization of collective communication
 operations in MPICH"; NCCL's documentation of ring and tree algorithms.
+
+A collective the system's spec lists as ``measured`` for this many workers (a calibrated host,
+where the executor's own shared-memory collectives were timed) is that line instead.
 """
 
 from __future__ import annotations
@@ -95,6 +97,9 @@ def collective_time_s(system: System, collective: str, size_bytes: np.ndarray | 
     n = np.asarray(size_bytes, dtype=float)
     if workers == 1:
         return np.zeros_like(n)
+    measured = system.collectives.measured.get(collective)  # type: ignore[call-overload]
+    if measured is not None and measured.workers == workers:
+        return measured.latency + n / measured.bandwidth
     per_node = min(workers, system.devices_per_node) if per_node is None else per_node
     intra, inter = _links(system, workers, per_node)
     spec = system.collectives

@@ -185,6 +185,15 @@ class Link(Spec):
 CollectiveAlgorithm = Literal["ring", "tree", "direct", "nvls", "send_recv"]
 
 
+class MeasuredCollective(Spec):
+    """A collective timed directly among ``workers`` participants: ``latency + bytes / bandwidth``
+    (``bytes`` as ``collective_time_s`` counts them: per device; for all-to-all, all it sends)."""
+
+    workers: int = Field(gt=1)
+    latency: Seconds
+    bandwidth: Bandwidth
+
+
 class CollectiveSpec(Spec):
     """Software costs of collectives, on top of the links' alpha-beta.
 
@@ -198,6 +207,9 @@ class CollectiveSpec(Spec):
     launch: Seconds = 0.0
     algorithms: tuple[CollectiveAlgorithm, ...] = ("ring", "tree")
     latency: dict[CollectiveAlgorithm, Seconds] = {}
+    measured: dict[Literal["all_reduce", "all_to_all", "send_recv"], MeasuredCollective] = {}
+    """Collectives timed on this system (a calibrated host's shared memory): used instead of the
+    link model when the group has the measured number of workers."""
     provenance: str = "default: no software cost beyond the links"
     fit: dict[str, Any] | None = None
 

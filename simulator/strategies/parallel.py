@@ -46,7 +46,7 @@ from simulator.cost.roofline import OpCost
 from simulator.errors import InferSimError
 from simulator.graph.ops import avg
 from simulator.graph.transformer import ExpertShard
-from simulator.specs.hardware import CollectiveSpec, Link, System, SystemLinks
+from simulator.specs.hardware import CollectiveSpec, Link, MeasuredCollective, System, SystemLinks
 from simulator.specs.model import ModelSpec
 
 OVERLAP_LEVELS = {"none": 0.0, "partial": 0.5, "full": 1.0}
@@ -253,14 +253,15 @@ def workers_on_host(system: System, workers: int) -> System:
         "compute": {k: v * share for k, v in device.compute.items()},
         "compute_units": max(1, units // workers),
     })
-    collectives = shm.get("collectives") or {}
     link = Link(name="shared memory", bandwidth=float(shm["bandwidth_bytes_per_s"]),
                 latency=float(shm.get("latency_s", 0.0)))
+    measured = {name: MeasuredCollective(workers=int(fit.get("workers", 2)), latency=float(fit["latency_s"]),
+                                         bandwidth=float(fit["bandwidth_bytes_per_s"]))
+                for name, fit in (shm.get("collectives") or {}).items()}
     spec = CollectiveSpec(
-        launch=float(collectives.get("launch_s", 0.0)), algorithms=("direct",),
-        latency={k: float(v) for k, v in (collectives.get("latency_s") or {}).items()},
-        provenance="calibrated: the executor's shared-memory collectives" if collectives else
-        "calibrated shared-memory copies; no collective software cost measured")
+        algorithms=("direct",), measured=measured,
+        provenance="calibrated: the executor's shared-memory collectives" if measured else
+        "calibrated shared-memory copies only (re-run `infersim calibrate --only shared-memory`)")
     return system.model_copy(update={
         "name": f"{system.name} as {workers} workers", "device": worker, "devices_per_node": workers,
         "links": SystemLinks(intra_node=link), "collectives": spec})

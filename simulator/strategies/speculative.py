@@ -93,12 +93,19 @@ def break_even_alpha(gamma: int, round_s: float, plain_s: float) -> float | None
     needed = round_s / plain_s
     if needed > gamma + 1:
         return None
-    if needed <= 1.0:
+    return acceptance_for(needed, gamma)
+
+
+def acceptance_for(tokens_per_round: float, gamma: int) -> float:
+    """The per-token acceptance rate whose expected tokens per round is ``tokens_per_round``."""
+    if tokens_per_round >= gamma + 1:
+        return 1.0
+    if tokens_per_round <= 1.0:
         return 0.0
     low, high = 0.0, 1.0
     for _ in range(60):
         mid = (low + high) / 2
-        if expected_tokens(mid, gamma) < needed:
+        if expected_tokens(mid, gamma) < tokens_per_round:
             low = mid
         else:
             high = mid

@@ -723,3 +723,85 @@ def execute_parallel(
         "shared_memory_bytes": plan.nbytes,
     }
     return replace(result, parallel=parallel)
+
+
+# --- the collectives alone, for calibration ---------------------------------------------------
+
+BENCH_SIZES = (4096, 65536, 1 << 20, 4 << 20, 16 << 20)
+
+
+def _bench_worker(plan: GroupPlan, rank: int, sizes: tuple[int, ...], rounds: int,
+                  conn: Connection) -> None:  # pragma: no cover - runs in a worker process
+    group = ShmGroup(plan, rank)
+    try:
+        world, peer = plan.world, 1 - rank
+        times: dict[str, dict[int, float]] = {"all_reduce": {}, "all_to_all": {}, "send_recv": {}}
+        for nbytes in sizes:
+            x = np.ones(nbytes // 4, np.float32)
+            chunks = [np.ones((nbytes // (4 * world * 64), 64), np.float32) for _ in range(world)]
+            for name, call in (("all_reduce", lambda: group.all_reduce(x)),
+                               ("all_to_all", lambda: group.all_to_all(chunks))):
+                samples = []
+                for _ in range(rounds):
+                    group._wait()  # start together: the time is the collective's, not a straggler's
+                    start = perf_counter()
+                    call()
+                    samples.append(perf_counter() - start)
+                times[name][nbytes] = statistics.median(samples)
+            samples = []
+            for _ in range(rounds):  # ping-pong: half a round trip is one send and its receive
+                group._wait()
+                start = perf_counter()
+                if rank == 0:
+                    group.send(x, peer)
+                    group.recv(peer)
+                else:
+                    group.send(group.recv(peer), peer)
+                samples.append((perf_counter() - start) / 2)
+            times["send_recv"][nbytes] = statistics.median(samples)
+        conn.send(("ok", times))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        group.close()
+        conn.close()
+
+
+def bench_collectives(sizes: tuple[int, ...] = BENCH_SIZES,
+                      rounds: int = 21) -> dict[str, list[dict[str, float]]]:
+    """Time the executor's shared-memory all-reduce, all-to-all and send/recv between two workers
+    (one BLAS thread each), per message size in bytes (all-to-all: bytes each rank sends in all).
+    Rank 0's medians, each call started together after a barrier."""
+    ctx = multiprocessing.get_context("spawn")
+    largest = max(sizes)
+    plan = GroupPlan(
+        segment=f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}", world=2, stage_devices=2,
+        reduce_elems=largest // 4, a2a_bytes=-(-largest // _ALIGN) * _ALIGN, p2p_bytes=largest,
+        channels=((0, 1), (1, 0)), barriers=(ctx.Barrier(2),),
+        semaphores=((ctx.Semaphore(1), ctx.Semaphore(0)), (ctx.Semaphore(1), ctx.Semaphore(0))))
+    shm = SharedMemory(name=plan.segment, create=True, size=plan.nbytes)
+    saved = {name: os.environ.get(name) for name in THREAD_VARS}
+    os.environ.update({name: "1" for name in THREAD_VARS})
+    procs, conns = [], []
+    try:
+        for rank in range(2):
+            receiver, sender = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_bench_worker, args=(plan, rank, sizes, rounds, sender), daemon=True)
+            proc.start()
+            sender.close()
+            procs.append(proc)
+            conns.append(receiver)
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        status, payload = conns[0].recv()
+        conns[1].recv()
+        if status != "ok":
+            raise InferSimError(f"collective benchmark failed:\n{payload}")
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        _stop(procs, conns)
+        shm.close()
+        shm.unlink()
+    return {name: [{"bytes": n, "seconds": s} for n, s in sorted(rows.items())]
+            for name, rows in payload.items()}
