@@ -21,7 +21,9 @@ from simulator.scenario import run_scenario
 from simulator.specs.loader import load_device, load_model, load_system
 from simulator.strategies.kv import KVPolicy
 from simulator.strategies.offload import OffloadPlan
+from simulator.strategies.parallel import ParallelPlan
 from simulator.strategies.plan import search as search_plan
+from simulator.strategies.speculative import Speculation
 
 __all__ = [
     "DoesNotFitError",
@@ -29,7 +31,9 @@ __all__ = [
     "InferSimError",
     "KVPolicy",
     "OffloadPlan",
+    "ParallelPlan",
     "SpecError",
+    "Speculation",
     "UnsupportedError",
     "estimate",
     "load_device",

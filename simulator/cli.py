@@ -87,6 +87,9 @@ def _add_strategy(parser: argparse.ArgumentParser) -> None:
                      help="communication hidden under compute: none (default), partial, full, or 0..1")
     par.add_argument("--sequence-parallel", action="store_true",
                      help="reduce-scatter + all-gather instead of all-reduce; norms on 1/tp of the tokens")
+    par.add_argument("--pp-schedule", default="interleaved", choices=("interleaved", "gpipe"),
+                     help="pipeline decode: micro-batches as independent streams (default), or drain "
+                          "the pipeline every step")
     par.add_argument("--expert-imbalance", type=float,
                      help="busiest expert-parallel device's load over the mean (default: random routing)")
     dis = parser.add_argument_group("prefill/decode disaggregation")
@@ -139,13 +142,14 @@ def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
     elif args.spec_profile or args.draft_hardware or args.draft_kv_budget:
         raise InferSimError("--spec-profile, --draft-hardware and --draft-kv-budget need --draft-model")
     if (args.tp, args.pp, args.ep, args.dp, args.micro_batches) != (1, 1, 1, 1, None) \
-            or args.sequence_parallel or args.overlap != "none" or args.expert_imbalance is not None:
+            or args.sequence_parallel or args.overlap != "none" or args.expert_imbalance is not None \
+            or args.pp_schedule != "interleaved":
         from simulator.strategies.parallel import ParallelPlan
 
         options["parallel"] = ParallelPlan(
             tp=args.tp, pp=args.pp, ep=args.ep, dp=args.dp, micro_batches=args.micro_batches,
             overlap=args.overlap, sequence_parallel=args.sequence_parallel,
-            expert_imbalance=args.expert_imbalance)
+            expert_imbalance=args.expert_imbalance, schedule=args.pp_schedule)
     options.update(prefill_hardware=args.prefill_hardware, decode_hardware=args.decode_hardware,
                    kv_link=args.kv_link)
     if (args.offload_weights or args.offload_kv or args.layers_on_device is not None
@@ -206,9 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hardware YAML to write, e.g. hardware_specs/local/NAME.yaml")
     cal.add_argument("--name", help="device name (default: the file name)")
     cal.add_argument("--quick", action="store_true", help="fewer sizes and shorter timings (~1 min)")
-    cal.add_argument("--only", choices=("shared-memory",),
-                     help="re-measure only the shared-memory link and the executor's collectives of an "
-                          "existing --out file, keeping the rest")
+    cal.add_argument("--only", choices=("workers", "refit"),
+                     help="on an existing --out file: workers re-measures only what parallel worker "
+                          "processes see (shared memory, the executor's collectives, GEMMs in a "
+                          "worker); refit fits the recorded microbenchmarks again without measuring")
 
     from validation.executor.cli import add_execute_parser
 
@@ -361,10 +366,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from simulator.calibrate.host import main_calibrate
 
-    if args.only == "shared-memory":
+    if args.only == "workers":
         from simulator.calibrate.host import update_shared
 
         return update_shared(Path(args.out), args.quick)
+    if args.only == "refit":
+        from simulator.calibrate.host import refit
+
+        return refit(Path(args.out))
     return main_calibrate(Path(args.out), args.quick, args.name)
 
 

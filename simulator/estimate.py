@@ -330,7 +330,7 @@ def estimate(
         if plan is not None:
             raise InferSimError("offloading under a parallel plan is not modelled; use one or the other")
         if system.num_devices == 1 and device.type == "cpu" and par.devices > 1:
-            system = workers_on_host(system, par.devices)
+            system = workers_on_host(system, par.devices, par.concurrent)
             device = system.device
         par.check(spec, system, batch)
 

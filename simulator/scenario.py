@@ -88,6 +88,7 @@ class ParallelChoice(Spec):
     overlap: float | Literal["none", "partial", "full"] = "none"
     sequence_parallel: bool = False
     expert_imbalance: float | None = Field(None, ge=1)
+    schedule: Literal["interleaved", "gpipe"] = "interleaved"
 
 
 class DisaggregationChoice(Spec):

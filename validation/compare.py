@@ -59,7 +59,8 @@ def _strategy(row: Any) -> dict[str, Any]:
         options["kv_policy"] = KVPolicy("window", window)
     degrees = {name: int(getattr(row, name, 1) or 1) for name in ("tp", "ep", "pp", "micro_batches")}
     if any(value > 1 for value in degrees.values()):
-        options["parallel"] = ParallelPlan(**degrees)
+        # The executor drains its pipeline every step.
+        options["parallel"] = ParallelPlan(**degrees, schedule="gpipe")
     draft = getattr(row, "draft", "")
     if isinstance(draft, str) and draft:
         gamma = int(row.gamma)

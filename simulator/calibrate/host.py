@@ -48,8 +48,9 @@ import yaml
 from simulator.errors import InferSimError
 from simulator.graph.ops import Op
 from simulator.graph.transformer import Precision, StepShape, build_step
-from simulator.specs.hardware import Device
+from simulator.specs.hardware import Device, DeviceEfficiency
 from simulator.specs.model import ModelSpec
+from simulator.strategies.parallel import WORKER_KINDS
 
 HOST_KINDS = ("gemm", "gemv", "norm", "rope", "activation", "embedding", "elementwise", "cache_write",
               "attention", "softmax", "sampling")
@@ -249,11 +250,9 @@ def _ops_at(tokens: int, phase: str = "decode", context: int = 1, new: int = 1) 
 
 # --- microbenchmarks ------------------------------------------------------------------
 
-def bench_gemms(points: Points, host: Machine, quick: bool) -> None:
-    """Projections at many token counts; weights rotated through more than the last-level cache."""
-    from validation.executor.numpy_backend import NumpyBackend
-
-    backend = NumpyBackend()
+def gemm_cases(host: Machine, quick: bool) -> Iterator[tuple[str, int, np.ndarray, list[np.ndarray]]]:
+    """(projection, rows, input, weight copies) of every GEMM point: the calibration model's
+    projections at many token counts, weights rotated through more than the last-level cache."""
     rng = np.random.default_rng(0)
     m_values = [1, 4, 16, 64, 256, 1024] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
     cache = host.l3_bytes or 32 * 2**20
@@ -263,11 +262,20 @@ def bench_gemms(points: Points, host: Machine, quick: bool) -> None:
         copies = max(2, int(np.ceil(4 * cache / (n * k * 4))))
         weights = [rng.standard_normal((k, n), dtype=np.float32) * 0.02 for _ in range(copies)]
         for m in m_values:
-            x = rng.standard_normal((m, k), dtype=np.float32)
-            turn = iter(range(10**9))
-            seconds = median_time(lambda: backend.linear(x, weights[next(turn) % copies], None),
-                                  min_seconds=0.02 if quick else 0.05)
-            points.add(_ops_at(m)[name], seconds, m=m, n=n, k=k)
+            yield name, m, rng.standard_normal((m, k), dtype=np.float32), weights
+
+
+def bench_gemms(points: Points, host: Machine, quick: bool) -> None:
+    """Every GEMM point of ``gemm_cases``, timed with the executor's own linear."""
+    from validation.executor.numpy_backend import NumpyBackend
+
+    backend = NumpyBackend()
+    for name, m, x, weights in gemm_cases(host, quick):
+        turn = iter(range(10**9))
+        seconds = median_time(lambda: backend.linear(x, weights[next(turn) % len(weights)], None),
+                              min_seconds=0.02 if quick else 0.05)
+        n, k = weights[0].shape[1], weights[0].shape[0]
+        points.add(_ops_at(m)[name], seconds, m=m, n=n, k=k)
 
 
 def bench_kernels(points: Points, host: Machine, quick: bool) -> None:
@@ -546,26 +554,140 @@ def bench_shared_memory(quick: bool) -> list[dict[str, float]]:
     return rows
 
 
-def bench_shared(quick: bool, cores: int) -> dict[str, Any]:
-    """Copies through shared memory, and (with two cores or more) the executor's own collectives
-    between two worker processes, each fitted to ``latency + bytes / bandwidth``."""
+def fit_host(device: Device, points: Points, executor_dispatch: dict[str, float]) -> tuple[Device, dict]:
+    """The host's efficiencies fitted to its microbenchmark points.
+
+    Kernel bandwidths are multiples of the main memory's, which is one core's numpy stream.
+    Kernels whose data sits in the caches are still held to it (letting them run faster fitted
+    the microbenchmarks better and the executor's runs worse); a one-row GEMM is not: BLAS
+    streams its weights from DRAM on every core, up to ``cores`` times one core's rate.
+    """
+    from simulator.calibrate.operators import fit_device_to_ops
+
+    caps = {"gemv": float(device.compute_units or 1)}
+    fitted, info = fit_device_to_ops(device, points.ops, np.array(points.measured_s), HOST_KINDS,
+                                     max_bandwidth=caps)
+    # Microbenchmarks time kernels alone; in a model the executor also spends time between them.
+    overhead = fitted.efficiency.kernel_overhead + executor_dispatch["dispatch_s_per_kernel"]
+    fitted = fitted.model_copy(update={"efficiency": fitted.efficiency.model_copy(
+        update={"kernel_overhead": overhead})})
+    return fitted, {**info, "bandwidth_caps": caps}
+
+
+def points_from_raw(raw: list[dict[str, Any]]) -> Points:
+    """The microbenchmark points a calibration file recorded, as the ops they stand for."""
+    points = Points()
+    for row in raw:
+        extra = {k: v for k, v in row.items() if k not in ("op", "kind", "seconds")}
+        if "m" in row:
+            ops: Op | tuple[Op, ...] = _ops_at(int(row["m"]))[row["op"]]
+        elif "tokens" in row:
+            ops = _ops_at(int(row["tokens"]))[row["op"]]
+        elif "context" in row:
+            step = _ops_at(int(row["batch"]), context=int(row["context"]))
+            ops = tuple(step[n] for n in NAIVE_ATTENTION)
+        else:
+            step = _ops_at(1, phase="prefill", new=int(row["prefill_tokens"]))
+            ops = tuple(step[n] for n in NAIVE_ATTENTION)
+        points.add(ops, float(row["seconds"]), **extra)
+    return points
+
+
+def refit(out: Path) -> int:
+    """Fit a calibrated host file's recorded microbenchmarks again (after a change to the cost
+    model or the fit), keeping the measurements; nothing is measured."""
+    from simulator.calibrate.operators import _round
+    from simulator.specs.loader import load_device
+
+    document = yaml.safe_load(out.read_text())
+    fit = (document.get("efficiency") or {}).get("fit")
+    if not isinstance(fit, dict) or "points" not in fit or "executor_dispatch" not in fit:
+        raise InferSimError(f"{out}: not a file written by infersim calibrate (no efficiency.fit.points)")
+    device = load_device(out)
+    base = device.model_copy(update={"efficiency": DeviceEfficiency()})
+    fitted, info = fit_host(base, points_from_raw(fit["points"]), fit["executor_dispatch"])
+    document["efficiency"].update(_efficiency_fields(fitted.efficiency))
+    fit.update(_round({**info, "refit": {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "command": f"infersim calibrate --out {out} --only refit"}}))
+    write_yaml(document, out)
+    load_device(out)
+    residuals = info["residuals"]
+    print(f"refitted {out}: median error {residuals['median_abs_rel_error']:.1%}, "
+          f"p90 {residuals['p90_abs_rel_error']:.1%} over {residuals['rows']} microbenchmarks")
+    return 0
+
+
+def _efficiency_fields(eff: DeviceEfficiency) -> dict[str, Any]:
+    """The fitted efficiency fields as the YAML writes them (with units)."""
+    assert eff.gemm is not None
+    gb = 1e9
+    return {
+        "kernel_overhead": f"{eff.kernel_overhead * 1e6:.4g} us",
+        "gemm": {
+            "tiles": [list(t) for t in eff.gemm.tiles],
+            "split_k": list(eff.gemm.split_k),
+            "efficiency": round(eff.gemm.efficiency, 4),
+            "operand_bandwidth": f"{(eff.gemm.operand_bandwidth or 0) / gb:.4g} GB/s",
+            "tile_overhead": f"{eff.gemm.tile_overhead * 1e6:.4g} us",
+        },
+        "kernels": {
+            kind: {"bandwidth": round(k.bandwidth, 4), "half_size": f"{k.half_size / 1e6:.4g} MB",
+                   "floor": f"{k.floor * 1e6:.4g} us"}
+            for kind, k in eff.kernels.items()
+        },
+    }
+
+
+def bench_shared(quick: bool, cores: int, host_device: Device | None = None) -> dict[str, Any]:
+    """What a parallel plan's worker processes see, each fitted: copies through shared memory;
+    with two cores or more the executor's own collectives between two workers
+    (``latency + bytes / bandwidth``), and the calibration's GEMMs inside one-thread workers,
+    alone and with every core running one (fitted as a one-core device when ``host_device``,
+    the host's fitted spec, is given)."""
     rows = bench_shared_memory(quick)
     latency, bandwidth = _alpha_beta(rows)
     shared: dict[str, Any] = {"rows": rows, "latency_s": latency, "bandwidth_bytes_per_s": bandwidth,
                               "date": dt.datetime.now().isoformat(timespec="seconds")}
-    if cores >= 2:
-        from validation.executor.parallel import bench_collectives
+    if cores < 2:
+        return shared
+    from validation.executor.parallel import bench_collectives, bench_worker_gemms
 
-        collectives = {}
-        for name, points in bench_collectives(rounds=9 if quick else 21).items():
-            a, b = _alpha_beta(points)
-            collectives[name] = {"workers": 2, "latency_s": a, "bandwidth_bytes_per_s": b, "rows": points}
-        shared["collectives"] = collectives
+    collectives = {}
+    for name, points in bench_collectives(rounds=9 if quick else 21).items():
+        a, b = _alpha_beta(points)
+        collectives[name] = {"workers": 2, "latency_s": a, "bandwidth_bytes_per_s": b, "rows": points}
+    shared["collectives"] = collectives
+    if host_device is not None:
+        shared["worker_gemms"] = {}
+        for concurrent in sorted({1, cores}):
+            raw = bench_worker_gemms(concurrent, quick)
+            shared["worker_gemms"][str(concurrent)] = fit_worker(host_device, raw)
     return shared
 
 
+def worker_base(host_device: Device) -> Device:
+    """One core of the host: its share of the peak, one compute unit, the host's efficiencies."""
+    cores = host_device.compute_units or 1
+    return host_device.model_copy(update={
+        "name": f"{host_device.name} core", "compute_units": 1,
+        "compute": {k: v / cores for k, v in host_device.compute.items()}})
+
+
+def fit_worker(host_device: Device, raw: list[dict[str, Any]]) -> dict[str, Any]:
+    """The GEMM parameters of one worker (one BLAS thread) fitted to GEMMs it ran."""
+    from simulator.calibrate.operators import fit_device_to_ops
+
+    points = points_from_raw(raw)
+    base = worker_base(host_device)
+    _, info = fit_device_to_ops(base, points.ops, np.array(points.measured_s), WORKER_KINDS,
+                                max_bandwidth={"gemv": float(host_device.compute_units or 1)})
+    return {"parameters": info["parameters"], "residuals": info["residuals"], "points": raw}
+
+
 def update_shared(out: Path, quick: bool) -> int:
-    """Re-measure only the shared-memory link and collectives of a calibrated host file."""
+    """Re-measure only what worker processes see (shared memory, collectives, GEMMs in workers)
+    for a calibrated host file, keeping the rest."""
     from simulator.calibrate.operators import _round
     from simulator.specs.loader import load_device
 
@@ -577,8 +699,9 @@ def update_shared(out: Path, quick: bool) -> int:
     recorded = (fit.get("machine") or {}).get("cpu")
     if recorded and recorded != host.cpu:
         raise InferSimError(f"{out} was calibrated on {recorded!r}, this is {host.cpu!r}: calibrate anew")
-    fit["shared_memory"] = _round({**bench_shared(quick, host.cores), "machine": host.describe(),
-                                   "command": f"infersim calibrate --out {out} --only shared-memory"})
+    shared = bench_shared(quick, host.cores, load_device(out))
+    fit["shared_memory"] = _round({**shared, "machine": host.describe(),
+                                   "command": f"infersim calibrate --out {out} --only workers"})
     write_yaml(document, out)
     load_device(out)
     collectives = fit["shared_memory"].get("collectives", {})
@@ -602,7 +725,6 @@ def _alpha_beta(rows: list[dict[str, float]]) -> tuple[float, float]:
 def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
               scratch: Path | None = None) -> tuple[dict[str, Any], Device]:
     """Run every microbenchmark and fit; returns the YAML document and the fitted device."""
-    from simulator.calibrate.operators import fit_device_to_ops
 
     host = machine()
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
@@ -643,7 +765,6 @@ def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
     progress("disk and shared memory")
     disk = bench_disk(Path(scratch or tempfile.gettempdir()), quick)
     disk.update({"read_into_buffer": read_into_buffer, "read_overlap": read_overlap})
-    shared = bench_shared(quick, host.cores)
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
 
     base = {
@@ -658,14 +779,9 @@ def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
     }
     device = Device.model_validate(base)
     progress(f"fitting {len(points.ops)} points")
-    # Activations of the executor's shapes live in the last-level cache, so elementwise kernels
-    # can run several times faster than DRAM streams.
-    fitted, info = fit_device_to_ops(device, points.ops, np.array(points.measured_s), HOST_KINDS,
-                                     max_bandwidth=1.0)
-    # Microbenchmarks time kernels alone; in a model the executor also spends time between them.
-    overhead = fitted.efficiency.kernel_overhead + executor_dispatch["dispatch_s_per_kernel"]
-    fitted = fitted.model_copy(update={"efficiency": fitted.efficiency.model_copy(
-        update={"kernel_overhead": overhead})})
+    fitted, info = fit_host(device, points, executor_dispatch)
+    progress("worker processes: shared memory, collectives, GEMMs")
+    shared = bench_shared(quick, host.cores, fitted)
 
     command = "infersim calibrate --out OUT" + (" --quick" if quick else "")
     info = {**info, "executor_dispatch": executor_dispatch, "passes": passes}
@@ -706,19 +822,7 @@ def _yaml_document(fitted: Device, info: dict[str, Any], host: Machine, command:
         "efficiency": {
             "compute": 0.7,
             "memory": 0.8,
-            "kernel_overhead": f"{eff.kernel_overhead * 1e6:.4g} us",
-            "gemm": {
-                "tiles": [list(t) for t in eff.gemm.tiles],
-                "split_k": list(eff.gemm.split_k),
-                "efficiency": round(eff.gemm.efficiency, 4),
-                "operand_bandwidth": f"{(eff.gemm.operand_bandwidth or 0) / gb:.4g} GB/s",
-                "tile_overhead": f"{eff.gemm.tile_overhead * 1e6:.4g} us",
-            },
-            "kernels": {
-                kind: {"bandwidth": round(k.bandwidth, 4), "half_size": f"{k.half_size / 1e6:.4g} MB",
-                       "floor": f"{k.floor * 1e6:.4g} us"}
-                for kind, k in eff.kernels.items()
-            },
+            **_efficiency_fields(eff),
             "provenance": "fitted to this machine's microbenchmarks (see fit)",
             "fit": _round({
                 **info,

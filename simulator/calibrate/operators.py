@@ -45,18 +45,21 @@ FIT_MARKER = "# --- fitted: written by `python -m simulator.calibrate.operators`
 # --- devices ------------------------------------------------------------------------------
 
 def device_params(kinds: tuple[str, ...] = KERNEL_KINDS,
-                  max_bandwidth: float = 1.0) -> list[tuple[str, float, float, float]]:
+                  max_bandwidth: float | dict[str, float] = 1.0) -> list[tuple[str, float, float, float]]:
     """(name, lower, upper, initial) of every fitted device parameter, in the optimiser's coordinates.
 
-    ``max_bandwidth`` bounds each kind's bandwidth as a multiple of main memory's: 1 on a
-    GPU (HBM feeds every kernel), more on a CPU whose caches hold the activations.
+    ``max_bandwidth`` bounds each kind's bandwidth as a multiple of main memory's (one bound, or
+    one per kind, 1 for kinds not named): 1 on a GPU (HBM feeds every kernel); on a CPU whose
+    main-memory rate is one core's stream, up to the cores for kernels that stream on all of them.
     """
+    caps = max_bandwidth if isinstance(max_bandwidth, dict) else {}
+    default = 1.0 if isinstance(max_bandwidth, dict) else max_bandwidth
     return [
         ("log10_kernel_overhead_s", -7.0, -4.0, -5.5),
         ("gemm_efficiency", 0.3, 1.0, 0.8),
         ("log10_operand_bandwidth", 10.0, 14.5, 13.0),
         ("log10_tile_overhead_s", -8.0, -4.5, -6.5),
-        *[(f"{kind}_bandwidth", 0.02, max_bandwidth, 0.8) for kind in kinds],
+        *[(f"{kind}_bandwidth", 0.02, caps.get(kind, default), 0.8) for kind in kinds],
         *[(f"log10_{kind}_half_bytes", 2.0, 9.0, 6.0) for kind in kinds],
         *[(f"log10_{kind}_floor_s", -7.0, -3.0, -5.5) for kind in kinds],
     ]
@@ -123,7 +126,7 @@ def fit_device(base: Device, frame: pd.DataFrame) -> tuple[Device, dict[str, Any
 
 def fit_device_to_ops(base: Device, ops: list[tuple[Op, ...]], measured_s: np.ndarray,
                       kinds: tuple[str, ...] = KERNEL_KINDS,
-                      max_bandwidth: float = 1.0) -> tuple[Device, dict[str, Any]]:
+                      max_bandwidth: float | dict[str, float] = 1.0) -> tuple[Device, dict[str, Any]]:
     """Efficiencies of ``base`` fitted so that the summed time of the ops in ``ops[i]`` matches
     ``measured_s[i]`` (several ops when one timed call runs several kernels).
     """

@@ -19,11 +19,12 @@ groups sharing the experts of one pipeline stage, ``pp`` stages, ``dp`` replicas
   MoE layers under EP keep one all-reduce (after attention) when ``tp > 1``.
 - **Pipeline parallelism**: stages of ``ceil(L / pp)`` layers (the busiest), the embedding
   on the first and the head on the last; the batch runs as ``micro_batches`` micro-batches
-  (default ``pp``), each stage sending the hidden state on. With per-micro-batch stage time
-  ``s`` and one send ``c``, a prefill takes ``(m + pp - 1) s + (pp - 1) c`` (GPipe's bubble)
-  and a decode step ``max(m s, pp (s + c))``: in steady state the micro-batches keep every
-  stage busy, unless there are fewer of them than stages, when each token's round trip through
-  the stages binds.
+  (default ``pp``), each stage sending the hidden state on. With a micro-batch's time through
+  all stages ``S``, the longest stage ``s`` and one send ``c``, a prefill takes
+  ``S + (m - 1) s + (pp - 1) c`` (GPipe's bubble) and a decode step ``max(m s, S + pp c)``:
+  in steady state the micro-batches keep every stage busy, unless there are fewer of them than
+  stages, when each token's round trip through the stages binds. With ``schedule="gpipe"``
+  every decode step drains the pipeline as the prefill does: ``S + (m - 1) s + pp c``.
 - **Data parallelism**: ``dp`` independent replicas, each with ``batch / dp`` sequences.
 
 Communication overlaps compute by the plan's ``overlap`` (0 none, 0.5 partial as TokenWeave
@@ -50,6 +51,7 @@ from simulator.specs.hardware import CollectiveSpec, Link, MeasuredCollective, S
 from simulator.specs.model import ModelSpec
 
 OVERLAP_LEVELS = {"none": 0.0, "partial": 0.5, "full": 1.0}
+WORKER_KINDS = ("gemm", "gemv")
 FIRST_STAGE_OPS = frozenset({"embedding", "position_embedding"})
 LAST_STAGE_OPS = frozenset({"final_norm", "lm_head", "sampling"})
 # Under sequence parallelism these run on 1/tp of the tokens between the reduce-scatter and
@@ -126,6 +128,9 @@ class ParallelPlan:
     sequence_parallel: bool = False
     expert_imbalance: float | None = None
     """The busiest expert-parallel device's routed rows over the mean; ``None``: balls in bins."""
+    schedule: str = "interleaved"
+    """Pipeline decode: ``interleaved`` micro-batches run as independent streams, keeping every
+    stage busy (serving engines); ``gpipe`` drains the pipeline every step (the executor)."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "ep", "dp"):
@@ -136,6 +141,8 @@ class ParallelPlan:
         if self.expert_imbalance is not None and not 1.0 <= self.expert_imbalance <= self.ep:
             raise InferSimError(f"expert imbalance is the busiest device's load over the mean: between 1 "
                                 f"and ep = {self.ep}; got {self.expert_imbalance}")
+        if self.schedule not in ("interleaved", "gpipe"):
+            raise InferSimError(f"--pp-schedule must be interleaved or gpipe, got {self.schedule!r}")
         if self.ep > 1 and self.ep % self.tp:
             raise InferSimError(f"ep={self.ep} must be a multiple of tp={self.tp}: the experts of a stage "
                                 "spread over its tensor-parallel groups")
@@ -160,6 +167,11 @@ class ParallelPlan:
     @property
     def micro(self) -> int:
         return self.micro_batches or self.pp
+
+    @property
+    def concurrent(self) -> int:
+        """Devices of a replica computing at once: every stage when micro-batches fill them."""
+        return self.stage_devices * min(self.micro, self.pp)
 
     @property
     def active(self) -> bool:
@@ -220,7 +232,8 @@ class ParallelPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"tp": self.tp, "pp": self.pp, "ep": self.ep, "dp": self.dp,
                 "micro_batches": self.micro, "overlap": self.overlap,
-                "sequence_parallel": self.sequence_parallel, "devices": self.devices}
+                "sequence_parallel": self.sequence_parallel, "schedule": self.schedule,
+                "devices": self.devices}
 
 
 def balls_in_bins_imbalance(mean_rows: float, devices: int) -> float:
@@ -232,13 +245,18 @@ def balls_in_bins_imbalance(mean_rows: float, devices: int) -> float:
 
 # --- a calibrated CPU host as several worker processes --------------------------------
 
-def workers_on_host(system: System, workers: int) -> System:
-    """A calibrated host CPU split into ``workers`` processes with ``cores / workers`` cores each,
-    linked by shared memory at the latency and bandwidth calibration measured.
+def workers_on_host(system: System, workers: int, concurrent: int | None = None) -> System:
+    """A calibrated host CPU split into ``workers`` one-core processes linked by shared memory,
+    ``concurrent`` of them computing at once (all, unless pipeline stages wait on each other).
 
-    Each worker gets its share of the compute (peak FLOPs and compute units); each keeps the
-    memory bandwidth one core measured, since one numpy process never saturates DRAM on its own.
+    A worker is one core: its share of the peak and one compute unit, the host's kernel
+    efficiencies, and GEMM parameters fitted to GEMMs timed inside a one-thread worker with
+    that many workers running them at once (they contend for memory: one-row GEMMs ran 30-65%
+    slower with two at once on the development machine). Collectives are the executor's own,
+    as calibration timed them.
     """
+    from simulator.calibrate.operators import device_params, device_with
+
     device = system.device
     shm = (device.efficiency.fit or {}).get("shared_memory")
     if not isinstance(shm, dict):
@@ -247,12 +265,21 @@ def workers_on_host(system: System, workers: int) -> System:
     units = device.compute_units or 1
     if workers > units:
         raise InferSimError(f"{device.name} has {units} cores; {workers} worker processes would share them")
-    share = 1.0 / workers
+    concurrent = min(workers, concurrent or workers)
     worker = device.model_copy(update={
-        "name": f"{device.name}/{workers}",
-        "compute": {k: v * share for k, v in device.compute.items()},
-        "compute_units": max(1, units // workers),
-    })
+        "name": f"{device.name} worker", "compute_units": 1,
+        "compute": {k: v / units for k, v in device.compute.items()}})
+    fits = shm.get("worker_gemms") or {}
+    if fits:
+        # The fit of the nearest concurrency measured (1 or all cores).
+        chosen = min(fits, key=lambda c: abs(int(c) - concurrent))
+        names = [p[0] for p in device_params(WORKER_KINDS)]
+        values = np.array([fits[chosen]["parameters"][n] for n in names])
+        gemms = device_with(worker, values, "worker", kinds=WORKER_KINDS)
+        worker = worker.model_copy(update={"efficiency": device.efficiency.model_copy(update={
+            "gemm": gemms.efficiency.gemm,
+            "kernels": {**device.efficiency.kernels, **gemms.efficiency.kernels},
+            "provenance": f"host kernels; GEMMs fitted in a worker with {chosen} running at once"})})
     link = Link(name="shared memory", bandwidth=float(shm["bandwidth_bytes_per_s"]),
                 latency=float(shm.get("latency_s", 0.0)))
     measured = {name: MeasuredCollective(workers=int(fit.get("workers", 2)), latency=float(fit["latency_s"]),
@@ -261,7 +288,7 @@ def workers_on_host(system: System, workers: int) -> System:
     spec = CollectiveSpec(
         algorithms=("direct",), measured=measured,
         provenance="calibrated: the executor's shared-memory collectives" if measured else
-        "calibrated shared-memory copies only (re-run `infersim calibrate --only shared-memory`)")
+        "calibrated shared-memory copies only (re-run `infersim calibrate --only workers`)")
     return system.model_copy(update={
         "name": f"{system.name} as {workers} workers", "device": worker, "devices_per_node": workers,
         "links": SystemLinks(intra_node=link), "collectives": spec})
@@ -303,11 +330,10 @@ def step_time(plan: ParallelPlan, system: System, model: ModelSpec, tokens: int,
     device = system.device
     frac = plan.stage_layers(model) / model.num_layers
     scale = {name: 1.0 / plan.tp for name in SEQUENCE_SPLIT_OPS} if plan.sequence_parallel else {}
-    layer_s = frac * _op_sum(costs, None, True, scale)
-    first = _op_sum(costs, FIRST_STAGE_OPS, False, {})
-    last = _op_sum(costs, LAST_STAGE_OPS, False, {})
-    outside = first + last if plan.pp == 1 else np.maximum(first, last)
-    compute = avg(layer_s + outside)
+    layer_s = avg(frac * _op_sum(costs, None, True, scale))
+    first = avg(_op_sum(costs, FIRST_STAGE_OPS, False, {}))
+    last = avg(_op_sum(costs, LAST_STAGE_OPS, False, {}))
+    compute = layer_s + (first + last if plan.pp == 1 else max(first, last))  # the busiest stage
 
     hidden = tokens * model.hidden_size * act_bytes  # the hidden state of this device's tokens
     stage_layers = plan.stage_layers(model)
@@ -348,16 +374,22 @@ def step_time(plan: ParallelPlan, system: System, model: ModelSpec, tokens: int,
                             "bytes": hidden, "workers": 2, "time_s": send,
                             "total_s": send * hops * plan.micro})
 
-    hidden_share = plan.overlap * min(per_mb_comm, compute)
-    stage = compute + per_mb_comm - hidden_share
+    # A stage's layers with their collectives (partly hidden under the layers' compute); the
+    # first stage adds the embedding, the last the head.
+    layers = layer_s + per_mb_comm - plan.overlap * min(per_mb_comm, layer_s)
     m, p = plan.micro, plan.pp
-    if phase == "prefill":
-        time = (m + p - 1) * stage + (p - 1) * send
+    longest = layers + (first + last if p == 1 else max(first, last))
+    through = p * layers + first + last  # one micro-batch through every stage
+    if phase == "prefill":  # GPipe: the first micro-batch through, then one longest stage per other
+        time = through + (m - 1) * longest + (p - 1) * send
+    elif plan.schedule == "gpipe":  # every step drains the pipeline; ids return to the first stage
+        time = through + (m - 1) * longest + p * send
     else:
-        time = max(m * stage, p * (stage + send))
+        time = max(m * longest, through + p * send)
     busy = m * compute
     communication = sum(c["total_s"] for c in collectives)
-    bubble = max(0.0, time - m * stage - (p - 1) * send * (phase == "prefill"))
+    bubble = max(0.0, time - m * longest - (p - 1) * send * (phase == "prefill")
+                 - p * send * (phase != "prefill" and plan.schedule == "gpipe"))
     energy_busy = frac * sum(avg(c.total_energy_j) for c in costs
                              if c.op.name not in FIRST_STAGE_OPS | LAST_STAGE_OPS)
     energy_busy += sum(avg(c.total_energy_j) for c in costs if c.op.name in FIRST_STAGE_OPS | LAST_STAGE_OPS)

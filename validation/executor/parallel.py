@@ -805,3 +805,54 @@ def bench_collectives(sizes: tuple[int, ...] = BENCH_SIZES,
         shm.unlink()
     return {name: [{"bytes": n, "seconds": s} for n, s in sorted(rows.items())]
             for name, rows in payload.items()}
+
+
+def _gemm_worker(ready: Any, quick: bool, conn: Connection) -> None:  # pragma: no cover - a worker
+    """The calibration's GEMMs (``simulator.calibrate.host.bench_gemms``' shapes and rotated
+    weights), every point started together with the other workers."""
+    from simulator.calibrate.host import Points, _ops_at, gemm_cases, machine, median_time
+    from validation.executor.numpy_backend import NumpyBackend
+
+    try:
+        backend, points = NumpyBackend(), Points()
+        for name, m, x, weights in gemm_cases(machine(), quick):
+            turn = iter(range(10**9))
+            ready.wait(COMM_TIMEOUT_S)
+            seconds = median_time(lambda: backend.linear(x, weights[next(turn) % len(weights)], None),
+                                  min_seconds=0.02 if quick else 0.05)
+            points.add(_ops_at(m)[name], seconds, m=m, n=weights[0].shape[1], k=weights[0].shape[0])
+        conn.send(("ok", points.raw))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def bench_worker_gemms(concurrent: int, quick: bool = False) -> list[dict[str, Any]]:
+    """The calibration's GEMMs timed inside a worker process (one BLAS thread), with
+    ``concurrent`` such workers running them at once, as a parallel plan's workers do; rank 0's
+    raw points (``simulator.calibrate.host.Points.raw``)."""
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Barrier(concurrent)
+    saved = {name: os.environ.get(name) for name in THREAD_VARS}
+    os.environ.update({name: "1" for name in THREAD_VARS})
+    procs, conns = [], []
+    try:
+        for _ in range(concurrent):
+            receiver, sender = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_gemm_worker, args=(ready, quick, sender), daemon=True)
+            proc.start()
+            sender.close()
+            procs.append(proc)
+            conns.append(receiver)
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        reports = [conn.recv() for conn in conns]
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        _stop(procs, conns)
+    for status, payload in reports:
+        if status != "ok":
+            raise InferSimError(f"worker GEMM benchmark failed:\n{payload}")
+    return reports[0][1]
