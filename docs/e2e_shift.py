@@ -27,7 +27,8 @@ def main() -> None:
             after = simulator.estimate(model, fitted, batch=batch, input_len=prompt, output_len=out)
             decode_bw = after.memory.weights / after.tpot_s
             prefill_rate = 2 * model.params() * batch * prompt / after.ttft_s
-            print(f"| {name} | {batch}, {prompt}/{out} | {before.ttft_s * 1e3:.1f} -> {after.ttft_s * 1e3:.1f}"
+            print(f"| {name} | {batch}, {prompt}/{out} "
+                  f"| {before.ttft_s * 1e3:.1f} -> {after.ttft_s * 1e3:.1f}"
                   f" | {before.tpot_s * 1e3:.2f} -> {after.tpot_s * 1e3:.2f}"
                   f" | {decode_bw / 1e12:.2f} of {bandwidth / 1e12:.2f} TB/s"
                   f" | {prefill_rate / 1e12:.0f} of {peak / 1e12:.0f} TFLOPS |")

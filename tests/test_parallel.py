@@ -241,3 +241,63 @@ def test_shipped_parallel_scenarios_run():
     assert split.kv_transfer_s > 0 and "->" in split.hardware
     moe = run_scenario("workloads/scenarios/mixtral-dgx-h100-ep.yaml")
     assert moe.strategy["parallel"]["ep"] == 8
+
+
+# --- measured collectives, workers and pipeline schedules --------------------------------------
+
+def test_a_measured_collective_replaces_the_link_model_for_its_group_size():
+    from simulator.specs.hardware import MeasuredCollective
+
+    system = load_system("dgx-h100")
+    measured = system.collectives.model_copy(update={"measured": {
+        "all_reduce": MeasuredCollective(workers=2, latency=1e-3, bandwidth=1e9)}})
+    timed = system.model_copy(update={"collectives": measured})
+    assert collective_time_s(timed, "all_reduce", 1e6, 2) == pytest.approx(1e-3 + 1e-3)
+    assert collective_time_s(timed, "all_reduce", 1e6, 4) == collective_time_s(system, "all_reduce", 1e6, 4)
+
+
+def test_workers_take_the_gemm_fit_of_their_concurrency():
+    system = load_system("hardware_specs/local/epyc-2core.yaml")
+    fits = system.device.efficiency.fit["shared_memory"].get("worker_gemms")
+    if not fits:
+        pytest.skip("this host file has no worker GEMM fit")
+    alone = workers_on_host(system, 2, concurrent=1).device.efficiency.kernels["gemv"].bandwidth
+    both = workers_on_host(system, 2, concurrent=2).device.efficiency.kernels["gemv"].bandwidth
+    assert alone == pytest.approx(fits["1"]["parameters"]["gemv_bandwidth"])
+    assert both == pytest.approx(fits["2"]["parameters"]["gemv_bandwidth"])
+    worker = workers_on_host(system, 2).device
+    assert worker.compute_units == 1
+    assert worker.efficiency.kernels["norm"] == system.device.efficiency.kernels["norm"]
+
+
+def test_gpipe_drains_the_pipeline_every_decode_step():
+    run = lambda schedule: estimate("llama-2-70b", "dgx-h100", batch=8, input_len=256,  # noqa: E731
+                                    output_len=8, parallel=ParallelPlan(tp=4, pp=2, micro_batches=4,
+                                                                        schedule=schedule), **FAST)
+    interleaved, gpipe = run("interleaved"), run("gpipe")
+    assert gpipe.tpot_s > interleaved.tpot_s
+    assert gpipe.ttft_s == pytest.approx(interleaved.ttft_s)
+    with pytest.raises(InferSimError, match="pp-schedule"):
+        ParallelPlan(pp=2, schedule="zigzag")
+
+
+def test_pipeline_of_one_micro_batch_costs_the_whole_model_once():
+    # One micro-batch through two stages: every layer once, plus the sends; no faster than one device.
+    one = estimate("llama-2-13b", "dgx-h100", batch=4, input_len=512, output_len=8, **FAST)
+    two = estimate("llama-2-13b", "dgx-h100", batch=4, input_len=512, output_len=8,
+                   parallel=ParallelPlan(pp=2, micro_batches=1), **FAST)
+    assert two.ttft_s >= one.ttft_s * 0.99
+    assert two.ttft_s < one.ttft_s * 1.1
+
+
+def test_recorded_calibration_points_rebuild_as_ops():
+    import yaml
+
+    from simulator.calibrate.host import points_from_raw
+
+    document = yaml.safe_load(open("hardware_specs/local/epyc-2core.yaml"))
+    raw = document["efficiency"]["fit"]["points"]
+    points = points_from_raw(raw)
+    assert len(points.ops) == len(raw)
+    assert [r["op"] for r in points.raw] == [r["op"] for r in raw]
+    assert points.measured_s == [r["seconds"] for r in raw]
