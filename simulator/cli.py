@@ -77,6 +77,15 @@ def _add_strategy(parser: argparse.ArgumentParser) -> None:
     spec.add_argument("--spec-profile", metavar="A1,A2,...",
                       help="per-position acceptance instead of --spec-alpha, one per drafted token")
     spec.add_argument("--draft-hardware", help="run the draft on another device or system")
+    fl = parser.add_argument_group("flash-backed FFN weights (LLM in a flash)")
+    fl.add_argument("--flash-active", type=float, metavar="A",
+                    help="FFN weights on the drive, reading only the neurons a token activates (share A, "
+                         "e.g. 0.05); turns it on")
+    fl.add_argument("--flash-window", type=int, default=5,
+                    help="steps whose neurons stay in memory (default 5)")
+    fl.add_argument("--flash-reuse", type=float,
+                    help="share of a step's active neurons already in memory (default: from the window)")
+    fl.add_argument("--flash-queue-depth", type=int, default=32, help="reads in flight (default 32)")
     par = parser.add_argument_group("parallelism (over the devices of a system, e.g. --hardware dgx-h100)")
     par.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     par.add_argument("--pp", type=int, default=1, help="pipeline stages (default 1)")
@@ -152,6 +161,11 @@ def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
             expert_imbalance=args.expert_imbalance, schedule=args.pp_schedule)
     options.update(prefill_hardware=args.prefill_hardware, decode_hardware=args.decode_hardware,
                    kv_link=args.kv_link)
+    if args.flash_active is not None:
+        from simulator.strategies.flash import FlashPlan
+
+        options["flash"] = FlashPlan(active=args.flash_active, window=args.flash_window,
+                                     reuse=args.flash_reuse, queue_depth=args.flash_queue_depth)
     if (args.offload_weights or args.offload_kv or args.layers_on_device is not None
             or args.host_compute or args.no_prefetch or args.expert_cache is not None):
         options["offload"] = OffloadPlan.build(

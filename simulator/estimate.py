@@ -32,6 +32,7 @@ from simulator.result import EstimateResult, MemoryUse, PhaseResult
 from simulator.specs.hardware import Device, System
 from simulator.specs.loader import load_model, load_system
 from simulator.specs.model import ModelSpec
+from simulator.strategies.flash import FlashPlan
 from simulator.strategies.kv import KVPolicy
 from simulator.strategies.offload import OffloadPlan, cost_on_host, step_time, tier_memory
 from simulator.strategies.parallel import ParallelPlan, workers_on_host
@@ -197,6 +198,19 @@ def parallel_memory(plan: ParallelPlan, model: ModelSpec, kept_model: ModelSpec,
                                kv_cache=frac * use.kv_cache)
 
 
+def _flash_memory(memory: MemoryUse, flash: FlashPlan, model: ModelSpec, system: System,
+                  precision: Precision, batch: int) -> MemoryUse:
+    """Memory holds all but the FFN weights, plus the window's neurons; the drive the FFNs."""
+    ffn = flash.ffn_bytes(model, precision.weight_bytes)
+    cached = min(1.0, flash.active_share(batch) * max(flash.window, 1)) * ffn
+    assert system.storage is not None
+    if ffn > system.storage.capacity:
+        raise DoesNotFitError(f"{model.name}'s FFN weights ({ffn / 1e9:.1f} GB) exceed the drive of "
+                              f"{system.name} ({system.storage.capacity / 1e9:.1f} GB)",
+                              required_bytes=ffn, capacity_bytes=system.storage.capacity)
+    return dataclasses.replace(memory, weights=memory.weights - ffn + cached)
+
+
 def _parallel_does_not_fit(model: ModelSpec, device: Device, plan: ParallelPlan, batch: int,
                            memory: MemoryUse) -> DoesNotFitError:
     gb = 1e9
@@ -261,6 +275,7 @@ def estimate(
     prefill_hardware: str | Path | System | None = None,
     decode_hardware: str | Path | System | None = None,
     kv_link: str | None = None,
+    flash: FlashPlan | None = None,
 ) -> EstimateResult:
     """Predict latency, throughput, memory and energy of ``batch`` requests on one device.
 
@@ -278,7 +293,8 @@ def estimate(
     then the whole step's, memory the busiest device's, and throughput all replicas'.
     ``prefill_hardware``/``decode_hardware`` run the two phases on separate pools (each defaults
     to ``hardware``) with the KV cache sent over ``kv_link``
-    (``simulator.strategies.disaggregation``).
+    (``simulator.strategies.disaggregation``). ``flash`` keeps the FFN weights on the drive
+    and reads only the neurons a step activates (LLM in a flash, ``simulator.strategies.flash``).
     """
     if prefill_hardware is not None or decode_hardware is not None:
         from simulator.strategies.disaggregation import estimate_disaggregated
@@ -289,7 +305,7 @@ def estimate(
             kv_dtype=kv_dtype, act_dtype=act_dtype, attention=attention, group_size=group_size,
             decode_samples=decode_samples, check_memory=check_memory, offload=offload,
             kv_policy=kv_policy, kv_residual=kv_residual, kv_store=kv_store, speculative=speculative,
-            parallel=parallel)
+            parallel=parallel, flash=flash)
     if kv_link is not None:
         raise InferSimError("--kv-link names the link between prefill and decode pools; it needs "
                             "--prefill-hardware or --decode-hardware")
@@ -333,6 +349,12 @@ def estimate(
             system = workers_on_host(system, par.devices, par.concurrent)
             device = system.device
         par.check(spec, system, batch)
+    if flash is not None:
+        if par is not None or plan is not None:
+            raise InferSimError("flash-backed FFNs are modelled on one device without an offload or "
+                                "parallel plan; use one strategy at a time")
+        flash.check(spec, system)
+    flash_reads: dict[str, dict] = {}
 
     def run_step(name: str, model: ModelSpec, shape: StepShape,
                  extra_ops: Callable[[ModelSpec, int], list] | None = None) -> PhaseResult:
@@ -340,6 +362,8 @@ def estimate(
             ops = build_step(model, shape, precision, attention)
             if extra_ops is not None:
                 ops += extra_ops(model, shape.batch)
+            if flash is not None:
+                return _flashed(name, flash, model, shape, ops)
             phase = _phase(name, cost_ops(ops, device))
             return _offloaded(phase, plan, system, spec, ops) if plan is not None else phase
         local = dataclasses.replace(shape, batch=par.batch_per_device(shape.batch))
@@ -353,6 +377,19 @@ def estimate(
         return PhaseResult(phase=name, time_s=step.time_s, energy_j=step.energy_j, bound=step.bound,
                            costs=costs, compute_s=step.compute_s, communication_s=step.communication_s,
                            collectives=step.collectives)
+
+    def _flashed(name: str, flash: FlashPlan, model: ModelSpec, shape: StepShape, ops: list) -> PhaseResult:
+        assert flash is not None
+        ops = flash.apply(ops, model, shape.tokens, precision.weight_bytes, precision.act_bytes,
+                          precision.compute)
+        phase = _phase(name, cost_ops(ops, device))
+        reads = flash.read_s(model, system, shape.tokens, precision.weight_bytes,
+                             cold=shape.phase == "prefill")
+        flash_reads[name] = reads
+        bound = "flash read" if reads["time_s"] > phase.time_s else phase.bound
+        return dataclasses.replace(phase, time_s=phase.time_s + reads["time_s"], bound=bound,
+                                   compute_s=phase.time_s, transfers_s={"flash_read": reads["time_s"]},
+                                   energy_j=phase.energy_j + reads["time_s"] * device.power.idle)
 
     prefill = run_step("prefill", spec, StepShape("prefill", batch, input_len, float(input_len)))
     kept_model = policy.decode_model(spec, input_len, output_len)
@@ -382,6 +419,8 @@ def estimate(
 
     if par is None:
         memory = memory_use(spec, device, precision, batch, input_len, output_len, prefill.costs, kept_model)
+        if flash is not None:
+            memory = _flash_memory(memory, flash, spec, system, precision, batch)
     else:
         memory = parallel_memory(par, spec, kept_model, device, precision, batch, input_len, output_len,
                                  prefill.costs)
@@ -421,6 +460,8 @@ def estimate(
     if par is not None:
         strategy["parallel"] = {**par.to_dict(), "system": system.name, "device": device.name,
                                 "memory": "per device (the busiest stage's)"}
+    if flash is not None:
+        strategy["flash"] = {**flash.to_dict(), "reads_per_step": flash_reads}
     if kv_store == "x":
         strategy["kv_store"] = "x (XQuant: layer input cached, K and V recomputed)"
 

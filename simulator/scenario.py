@@ -97,10 +97,20 @@ class DisaggregationChoice(Spec):
     kv_link: str | None = None
 
 
+class FlashChoice(Spec):
+    active: float = Field(0.05, gt=0, le=1)
+    window: int = Field(5, ge=0)
+    reuse: float | None = Field(None, ge=0, le=1)
+    predictor_rank: int = Field(128, ge=1)
+    queue_depth: int = Field(32, ge=1)
+    bundle: bool = True
+
+
 class StrategyChoice(Spec):
     offload: OffloadChoice | None = None
     parallel: ParallelChoice | None = None
     disaggregation: DisaggregationChoice | None = None
+    flash: FlashChoice | None = None
     kv: KVChoice = KVChoice()
     speculative: SpeculativeChoice | None = None
 
@@ -160,6 +170,10 @@ def estimate_options(scenario: Scenario) -> dict[str, Any]:
     split = scenario.strategy.disaggregation
     if split is not None:
         options.update(split.model_dump())
+    if scenario.strategy.flash is not None:
+        from simulator.strategies.flash import FlashPlan
+
+        options["flash"] = FlashPlan(**scenario.strategy.flash.model_dump())
     off = scenario.strategy.offload
     if off is not None:
         options["offload"] = OffloadPlan.build(
