@@ -171,3 +171,24 @@ def test_dovetail_gpu_draft_cpu_verify(alpha):
     assert 1.79 < plain.tpot_s / spec.tpot_s < 10.1
     info = spec.strategy["speculative"]
     assert info["verify_step_s"] < 1.2 * plain.tpot_s
+
+
+# --- issue 4: LLM in a flash, XQuant, TPI-LLM (docs/reproduce_memory.py) ------------------------
+
+def test_llm_in_a_flash_load_per_token():
+    from docs.reproduce_memory import flash_load_ms
+
+    assert 0.6 * 125 < flash_load_ms() < 1.4 * 125  # paper: 125 ms per token on an M1 Max
+
+
+@pytest.mark.parametrize("dtype, paper", [("fp16", 2.0), ("int4", 7.7)])
+def test_xquant_memory_saving(dtype, paper):
+    from docs.reproduce_memory import xquant_ratio
+
+    assert xquant_ratio(dtype) == pytest.approx(paper, rel=0.05)
+
+
+def test_tpi_llm_memory_per_device():
+    from docs.reproduce_memory import tpi_llm_gb
+
+    assert 0.8 * 3.1 < tpi_llm_gb() <= 3.1
