@@ -157,6 +157,7 @@ SYSTEM_PARAMS = [
     ("intra_efficiency", 0.2, 1.0, 0.8),
     ("log10_inter_latency_s", -7.5, -4.0, -5.0),
     ("inter_efficiency", 0.2, 1.0, 0.8),
+    ("send_recv_efficiency", 0.5, 2.0, 1.0),
 ]
 
 
@@ -174,26 +175,49 @@ def system_with(base: System, x: np.ndarray, provenance: str, fit: dict | None =
         launch=10 ** values["log10_launch_s"], algorithms=base.collectives.algorithms,
         latency={name: 10 ** values[f"log10_{name}_latency_s"] for name in ALGORITHM_LATENCIES
                  if name in base.collectives.algorithms or name == "send_recv"},
+        efficiency={"send_recv": values["send_recv_efficiency"]},
         provenance=provenance, fit=fit)
     return base.model_copy(update={"links": links.model_copy(update=update), "collectives": collectives})
 
 
 def fit_system(base: System, frame: pd.DataFrame) -> tuple[System, dict[str, Any]]:
+    """Collective software costs and link latencies and efficiencies fitted to ``frame``; where it
+    has all-reduces across nodes of several devices each, also how many NICs a node's devices
+    share (``inter_node.ports_per_node``: 1, 2, 4, ... or one per device), the best fit kept."""
     from validation.vidur import predict_network
 
     measured = np.log(frame["measured_s"].to_numpy())
+    inter = base.links.inter_node
+    across = frame["num_workers"] > frame["devices_per_node"]
+    shared_nodes = (across & (frame["devices_per_node"] > 1)).any()
+    candidates: list[int | None] = [None]
+    if inter is not None and shared_nodes:
+        candidates += [p for p in (1, 2, 4, 8) if p < base.devices_per_node]
+    best: tuple[Any, System] | None = None
+    for ports in candidates:
+        candidate = base
+        if inter is not None:
+            candidate = base.model_copy(update={"links": base.links.model_copy(update={
+                "inter_node": inter.model_copy(update={"ports_per_node": ports})})})
 
-    def residuals(x: np.ndarray) -> np.ndarray:
-        system = system_with(base, x, "fitting")
-        return np.log(predict_network(frame, lambda n: system)) - measured
+        def residuals(x: np.ndarray, start: System = candidate) -> np.ndarray:
+            system = system_with(start, x, "fitting")
+            return np.log(predict_network(frame, lambda n: system)) - measured
 
-    result = _robust_fit(residuals, SYSTEM_PARAMS)
+        result = _robust_fit(residuals, SYSTEM_PARAMS)
+        if best is None or result.cost < best[0].cost:
+            best = (result, candidate)
+    assert best is not None
+    result, chosen = best
+    ports = chosen.links.inter_node.ports_per_node if chosen.links.inter_node is not None else None
     info = {
-        "method": "scipy least_squares, soft-L1 loss on log(predicted/measured)",
+        "method": "scipy least_squares, soft-L1 loss on log(predicted/measured)"
+                  + ("; NICs per node chosen by the lowest cost" if len(candidates) > 1 else ""),
         "parameters": dict(zip([p[0] for p in SYSTEM_PARAMS], map(float, result.x), strict=True)),
+        "inter_node_ports": ports,
         "residuals": _residual_stats(result.fun),
     }
-    return system_with(base, result.x, "fitted", info), info
+    return system_with(chosen, result.x, "fitted", info), info
 
 
 # --- writing fitted values into shipped specs --------------------------------------------
@@ -247,11 +271,14 @@ def system_fit_yaml(system: System, source: str, command: str) -> str:
         link = getattr(system.links, name)
         if link is not None:
             links[name] = {"latency": _fmt_seconds(link.latency), "efficiency": round(link.efficiency, 4)}
+            if link.ports_per_node is not None:
+                links[name]["ports_per_node"] = link.ports_per_node
     block = {
         "collectives": {
             "launch": _fmt_seconds(spec.launch),
             "algorithms": list(spec.algorithms),
             "latency": {name: _fmt_seconds(value) for name, value in spec.latency.items()},
+            "efficiency": {name: round(value, 4) for name, value in spec.efficiency.items()},
             "provenance": f"fitted to {source} (see fit)",
             "fit": _round(fit),
         },

@@ -12,8 +12,10 @@ nodes each device has its own NIC (rail-optimised). For ``p`` devices and
   custom all-reduce kernels of vLLM and TensorRT-LLM do): ``alpha + (p-1) n / beta``
 - in-switch all-reduce (NVLink SHARP, "nvls", H100 NVSwitch): ``2 alpha + n / beta``
 - across nodes, hierarchical: reduce-scatter within the node, all-reduce of
-  ``n / d`` across nodes, all-gather within the node (``d`` devices per node)
-- send/recv: ``alpha + n / beta`` over the link joining the two devices
+  ``n / d`` across nodes, all-gather within the node (``d`` devices per node); when the node has
+  fewer NICs than devices (``inter_node.ports_per_node``), its ``d`` devices share them
+- send/recv: ``alpha + n / (e beta)`` over the link joining the two devices, ``e`` the
+  system's ``collectives.efficiency.send_recv`` (1 unless fitted)
 - all-to-all (expert dispatch and combine; ``n`` the bytes each device sends in all): every
   device exchanges with every other at once, ``alpha + (p-1)/p * n / beta`` on a switch; across
   nodes the share ``(nodes-1)/nodes`` of ``n`` crosses the NICs, one after the intra-node part
@@ -63,6 +65,15 @@ def _ring_phase(n: np.ndarray, p: int, link: Link) -> np.ndarray:
     return (p - 1) * link.latency + (p - 1) / p * n / link.rate
 
 
+def _per_device(link: Link, per_node: int) -> Link:
+    """A link out of the node as one of ``per_node`` devices sending at once sees it: its rate
+    times ``ports_per_node / per_node`` when the node has fewer ports than devices."""
+    ports = link.ports_per_node
+    if ports is None or ports >= per_node:
+        return link
+    return link.model_copy(update={"efficiency": link.efficiency * ports / per_node})
+
+
 def _all_to_all(n: np.ndarray, p: int, per_node: int, intra: Link | None,
                 inter: Link | None) -> np.ndarray:
     nodes = math.ceil(p / per_node)
@@ -70,6 +81,7 @@ def _all_to_all(n: np.ndarray, p: int, per_node: int, intra: Link | None,
     if intra is not None:
         time = time + intra.latency + (per_node - 1) / p * n / intra.rate
     if inter is not None:
+        inter = _per_device(inter, per_node)
         time = time + inter.latency + (nodes - 1) / nodes * n / inter.rate
     return time
 
@@ -108,7 +120,8 @@ def collective_time_s(system: System, collective: str, size_bytes: np.ndarray | 
         link = inter if inter is not None else intra
         if link is None:
             return np.zeros_like(n)
-        return spec.launch + spec.latency.get("send_recv", 0.0) + link.latency + n / link.rate
+        rate = link.rate * spec.efficiency.get("send_recv", 1.0)
+        return spec.launch + spec.latency.get("send_recv", 0.0) + link.latency + n / rate
     if collective == "all_to_all":
         return spec.launch + spec.latency.get("send_recv", 0.0) + _all_to_all(n, workers, per_node,
                                                                               intra, inter)
@@ -120,7 +133,7 @@ def collective_time_s(system: System, collective: str, size_bytes: np.ndarray | 
             return fixed + _ring_phase(n, workers, intra)
         assert inter is not None
         inside = _ring_phase(n, per_node, intra) if intra is not None else 0 * n
-        return fixed + inside + _ring_phase(n / per_node, nodes, inter)
+        return fixed + inside + _ring_phase(n / per_node, nodes, _per_device(inter, per_node))
     if collective != "all_reduce":
         raise InferSimError(f"unknown collective {collective!r}; known: {', '.join(COLLECTIVES)}")
     if nodes == 1:
@@ -130,5 +143,5 @@ def collective_time_s(system: System, collective: str, size_bytes: np.ndarray | 
     if per_node == 1:
         return spec.launch + _all_reduce_flat(n, nodes, inter, spec)
     assert intra is not None
-    across = _all_reduce_flat(n / per_node, nodes, inter, spec)
+    across = _all_reduce_flat(n / per_node, nodes, _per_device(inter, per_node), spec)
     return spec.launch + 2 * _ring_phase(n, per_node, intra) + across

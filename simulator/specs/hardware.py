@@ -175,6 +175,9 @@ class Link(Spec):
     bandwidth: Bandwidth
     latency: Seconds = 0.0
     efficiency: Fraction = 1.0
+    ports_per_node: int | None = Field(None, gt=0)
+    """For links out of a node: how many ports (NICs) a node has, shared by its devices; ``None``:
+    one per device (rail-optimised)."""
 
     @property
     def rate(self) -> float:
@@ -207,6 +210,9 @@ class CollectiveSpec(Spec):
     launch: Seconds = 0.0
     algorithms: tuple[CollectiveAlgorithm, ...] = ("ring", "tree")
     latency: dict[CollectiveAlgorithm, Seconds] = {}
+    efficiency: dict[Literal["send_recv"], float] = {}
+    """Achieved share of the links' rate for a collective, relative to the reductions' (a
+    point-to-point copy runs nearer the wire than a reduction's protocol); 1 when absent."""
     measured: dict[Literal["all_reduce", "all_to_all", "send_recv"], MeasuredCollective] = {}
     """Collectives timed on this system (a calibrated host's shared memory): used instead of the
     link model when the group has the measured number of workers."""
