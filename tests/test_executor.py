@@ -147,7 +147,7 @@ def test_gathered_experts_equal_the_dense_masked_reference(shared):
     counter = RowCounter()
     rt = runtime(model, profiler=counter)
     h = np.random.default_rng(3).standard_normal((40, model.hidden_size)).astype(np.float32)
-    out = rt._moe(h, rt.weights.layers[0].moe)
+    out = rt._moe(h, rt.weights.layers[0].moe, 0)
     np.testing.assert_allclose(out, dense_moe_reference(rt, h, 0), rtol=1e-4, atol=1e-6)
     # Only routed tokens were multiplied: T * k rows over the experts that got any.
     assert sum(counter.expert_rows) == 40 * MOE["top_k"]

@@ -46,8 +46,17 @@ def read_measurements(path: Path) -> pd.DataFrame:
     return frame
 
 
+def _number(row: Any, name: str) -> float | None:
+    """A numeric column's value; ``None`` where the file lacks the column or the cell is empty."""
+    value = getattr(row, name, None)
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value == "":
+        return None
+    return float(value)
+
+
 def _strategy(row: Any) -> dict[str, Any]:
-    """The executor's strategy columns as ``estimate`` options (absent or 0: none)."""
+    """The executor's strategy columns as ``estimate`` options (absent or 0: none); they replace
+    ``EXECUTOR_SETTINGS`` where both name one (a quantized ``kv_dtype``)."""
     options: dict[str, Any] = {}
     layers = int(getattr(row, "offload_layers", 0) or 0)
     if layers:
@@ -57,6 +66,16 @@ def _strategy(row: Any) -> dict[str, Any]:
     window = int(getattr(row, "kv_window", 0) or 0)
     if window:
         options["kv_policy"] = KVPolicy("window", window)
+    policy = getattr(row, "kv_policy", "")
+    if isinstance(policy, str) and policy:
+        options["kv_policy"] = KVPolicy.chosen(policy, _number(row, "kv_budget"),
+                                               int(_number(row, "kv_sinks") or 0))
+    bits = int(_number(row, "kv_bits") or 0)
+    if bits:  # KIVI: the executor's codes, scales in groups of the default size, a float32 residual
+        options.update(kv_dtype=f"int{bits}", kv_residual=int(_number(row, "kv_residual") or 0))
+    fraction = _number(row, "expert_cache")
+    if fraction is not None:
+        options["offload"] = OffloadPlan.build(load_model(row.model), expert_cache=fraction)
     degrees = {name: int(getattr(row, name, 1) or 1) for name in ("tp", "ep", "pp", "micro_batches")}
     if any(value > 1 for value in degrees.values()):
         # The executor drains its pipeline every step.
@@ -77,8 +96,8 @@ def predict(frame: pd.DataFrame, hardware: str | Path) -> pd.DataFrame:
     rows = []
     for row in frame.itertuples():
         result = estimate(row.model, system, batch=int(row.batch), input_len=int(row.input_len),
-                          output_len=int(row.output_len), check_memory=False, **EXECUTOR_SETTINGS,
-                          **_strategy(row))
+                          output_len=int(row.output_len), check_memory=False,
+                          **{**EXECUTOR_SETTINGS, **_strategy(row)})
         rows.append({"ttft_pred_s": result.ttft_s, "tpot_pred_s": result.tpot_s})
     out = pd.concat([frame.reset_index(drop=True), pd.DataFrame(rows)], axis=1)
     for metric in ("ttft", "tpot"):

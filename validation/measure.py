@@ -1,6 +1,7 @@
 """Run the reference executor over a grid of cases and record medians and noise.
 
-    python -m validation.measure --suite quick|full|strategies|parallel --out validation/measurements/FILE.csv
+    python -m validation.measure --suite quick|full|strategies|strategies2|parallel \
+        --out validation/measurements/FILE.csv
 
 Each row is one case (model, batch, prompt and output length). Cases are run
 round-robin, ``--rounds`` times, so that each case's runs are spread over the
@@ -49,6 +50,12 @@ class Case:
     draft: str = ""  # speculative decoding's draft model ("": none), drafting gamma tokens a round
     gamma: int = 0
     alpha: float = 0.0  # the seeded acceptance rate of a drafted token
+    kv_policy: str = ""  # "streaming" or "h2o" keeping kv_budget tokens ("": the full cache)
+    kv_budget: int = 0
+    kv_sinks: int = 4  # streaming's attention sinks
+    kv_bits: int = 0  # KIVI-quantized KV cache (8, 4, 2; 0: float32) with kv_residual float32 tokens
+    kv_residual: int = 0
+    expert_cache: float | None = None  # MoE: fraction of each layer's experts in memory, the rest on disk
 
     @property
     def key(self) -> str:
@@ -65,6 +72,13 @@ class Case:
             key += f"/pp{self.pp}-mb{self.micro_batches}"
         if self.draft:
             key += f"/spec-{self.draft}-g{self.gamma}-a{self.alpha:g}"
+        if self.kv_policy:
+            key += f"/kv-{self.kv_policy}{self.kv_budget}"
+            key += f"-s{self.kv_sinks}" if self.kv_policy == "streaming" else ""
+        if self.kv_bits:
+            key += f"/kvint{self.kv_bits}-r{self.kv_residual}"
+        if self.expert_cache is not None:
+            key += f"/experts{self.expert_cache:g}"
         return key
 
     def options(self) -> dict[str, Any]:
@@ -76,6 +90,12 @@ class Case:
         }
         if self.draft:
             options.update(draft_model=self.draft, spec_gamma=self.gamma, spec_alpha=self.alpha)
+        if self.kv_policy:
+            options.update(kv_policy=self.kv_policy, kv_budget=self.kv_budget, kv_sinks=self.kv_sinks)
+        if self.kv_bits:
+            options.update(kv_bits=self.kv_bits, kv_residual=self.kv_residual)
+        if self.expert_cache is not None:
+            options["expert_cache"] = self.expert_cache
         return options
 
 
@@ -96,9 +116,28 @@ def suite(name: str) -> list[Case]:
         window = [Case("tiny-dense-58m", batch, 2048, 16, kv_window=w)
                   for batch in (1, 4) for w in (128, 512)]
         return offload + window
+    if name == "strategies2":
+        return strategies2_suite()
     if name == "parallel":
         return parallel_suite()
-    raise SystemExit(f"unknown suite {name!r}; choose quick, full, strategies or parallel")
+    raise SystemExit(f"unknown suite {name!r}; choose quick, full, strategies, strategies2 or parallel")
+
+
+def strategies2_suite() -> list[Case]:
+    """Issue 4's KV and expert strategies as the executor runs them: 26 cases.
+
+    StreamingLLM and H2O at budgets 128 and 512 (batch 1 and 4, 2048-token prompts), KIVI
+    int8/int4/int2 with 0 and 128 residual tokens (batch 4, 1024 and 2048), and an expert cache
+    of 0.25 and 0.5 on the MoE model beside its baseline (batch 1 and 8, 128-token prompts). The
+    dense baselines are the full suite's cases of the same shape.
+    """
+    eviction = [Case("tiny-dense-58m", batch, 2048, 16, kv_policy=policy, kv_budget=budget)
+                for policy in ("streaming", "h2o") for batch in (1, 4) for budget in (128, 512)]
+    quantized = [Case("tiny-dense-58m", 4, prompt, 16, kv_bits=bits, kv_residual=residual)
+                 for prompt in (1024, 2048) for bits in (8, 4, 2) for residual in (0, 128)]
+    experts = [Case("tiny-moe-140m", batch, 128, 8, expert_cache=fraction)
+               for batch in (1, 8) for fraction in (None, 0.25, 0.5)]
+    return eviction + quantized + experts
 
 
 def parallel_suite() -> list[Case]:
@@ -143,12 +182,15 @@ class _Samples:
         best = min(range(len(self.ttft)), key=lambda i: statistics.median(self.ttft[i]))
         detail = self.details[best]
         parallel, speculative = detail.get("parallel") or {}, detail.get("speculative") or {}
+        counters = (detail.get("strategy") or {}).get("counters", {})
         return {
             "case": case.key, "model": case.model, "batch": case.batch, "input_len": case.input_len,
             "output_len": case.output_len, "offload_layers": case.offload_layers,
             "prefetch": case.prefetch, "kv_window": case.kv_window,
             "tp": case.tp, "ep": case.ep, "pp": case.pp, "micro_batches": case.micro_batches,
             "draft": case.draft, "gamma": case.gamma, "alpha": case.alpha,
+            "kv_policy": case.kv_policy, "kv_budget": case.kv_budget, "kv_sinks": case.kv_sinks,
+            "kv_bits": case.kv_bits, "kv_residual": case.kv_residual, "expert_cache": case.expert_cache,
             "rounds": len(self.ttft), "repeats": len(ttft),
             "ttft_best_s": min(statistics.median(r) for r in self.ttft),
             "ttft_median_s": statistics.median(ttft), "ttft_min_s": min(ttft), "ttft_max_s": max(ttft),
@@ -165,6 +207,11 @@ class _Samples:
             "comm_prefill_s": parallel.get("prefill", {}).get("comm_s_per_step"),
             "comm_decode_s": parallel.get("decode", {}).get("comm_s_per_step"),
             "tokens_per_round": speculative.get("tokens_per_round"),
+            "kv_cache_bytes": detail.get("memory", {}).get("kv_cache_bytes"),
+            # Expert cache: hits, misses and bytes read from disk per step.
+            **{f"{name}_{phase}": counters.get(phase, {}).get(name)
+               for phase in ("prefill", "decode")
+               for name in ("expert_hits", "expert_misses", "expert_bytes_read")},
             "load_before": round(max(load[0] for load in self.loads), 2),
             "load_after": round(max(load[1] for load in self.loads), 2),
             "reruns": self.reruns,
@@ -227,7 +274,8 @@ def run(cases: list[Case], out: Path, repeats: int, rounds: int = 3) -> list[dic
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m validation.measure",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=("quick", "full", "strategies", "parallel"), default="quick")
+    parser.add_argument("--suite", choices=("quick", "full", "strategies", "strategies2", "parallel"),
+                        default="quick")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--rounds", type=int, default=3,
                         help="passes over all cases, spreading each case's runs in time (default 3)")

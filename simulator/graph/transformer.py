@@ -288,6 +288,22 @@ class _Builder:
             recent = np.minimum(keys, self.p.kv_residual)  # KIVI's full-precision window
             kv_bytes = b * kv_width * ((keys - recent) * self.p.kv_bytes + recent * self.a)
         kv_read = 0.0 if materialised else kv_bytes
+        if not flash and not materialised and self.p.kv_bytes < self.a:
+            # Eager attention cannot read a quantized cache: the attended K/V are dequantized into
+            # the activation dtype first, as an eager framework does it: sub-byte codes unpacked
+            # to bytes, then scaled (codes x scale) and shifted (+ minimum) in two passes.
+            # FlashAttention-style kernels dequantize in registers, inside the attention kernel.
+            values = b * kv_width * (keys - recent)
+            packed = values * self.p.kv_bytes
+            if self.p.kv_bytes < 1.0:
+                self.ops.append(Op(
+                    name="kv_unpack", kind="elementwise", flops=2.0 * values, read_bytes=packed,
+                    write_bytes=values * 1.0, kv_read_bytes=packed, dtype=self.p.act, count=L))
+            self.ops.append(Op(
+                name="kv_dequantize", kind="elementwise", flops=2.0 * values,
+                read_bytes=values * (1.0 + self.a), write_bytes=2.0 * values * self.a,
+                kv_read_bytes=packed if self.p.kv_bytes >= 1.0 else 0.0, dtype=self.p.act, count=L))
+            kv_bytes, kv_read = b * keys * kv_width * self.a, 0.0
         q_bytes = self.T * heads * qk_dim * self.a
         out_bytes = self.T * heads * v_dim * self.a
         if flash:

@@ -24,7 +24,8 @@ When the device is the host CPU itself (a calibrated host, no host-device
 link), only disk is a lower tier, and its reads are partly copies the CPU's
 cores make: prefetch hides only the share ``storage.read_overlap`` that
 calibration measured (a reader thread under GEMMs), interpolating between no
-overlap and the full pipeline.
+overlap and the full pipeline. An expert cache there keeps the other experts
+on the drive, each missed one read when the router has chosen it.
 
 Equations in ``docs/model.md`` (Offloading).
 """
@@ -337,12 +338,28 @@ def step_time(plan: OffloadPlan, system: System, model: ModelSpec, ops: list[Op]
         if plan.weights_host or plan.kv_host or plan.host_compute:
             raise InferSimError(f"{system.name!r} is a CPU: its memory is the host's, so only disk is a "
                                 "lower tier; use --offload-weights disk=F")
+        on_demand = 0.0
+        if plan.expert_cache is not None:
+            # Experts outside the cache live on the drive; a missed one is read when the router
+            # has chosen it, before its layer can go on: not overlapped.
+            if from_disk is None or system.storage is None:
+                raise InferSimError(f"{system.name!r} has no drive to hold the experts outside the cache; "
+                                    "calibrate the host with `infersim calibrate` (it measures one)")
+            experts = _expert_terms(plan, model, ops, costs)
+            if "disk_read" in transfers:
+                transfers["disk_read"] = plan.weights_disk * (weights - experts["weights"]) / from_disk
+            missed = experts["weights"] * experts["miss_share"]
+            on_demand = missed / from_disk + model.num_moe_layers * system.storage.latency * (missed > 0)
         stages = [inside] + list(transfers.values())
         # A read is partly a copy by the cores that compute: prefetch hides the calibrated
         # share of it (storage.read_overlap), between no overlap and the full pipeline.
         share = system.storage.read_overlap if (plan.prefetch and system.storage is not None) else 0.0
-        time = outside + (1.0 - share) * sum(stages) + share * pipeline(stages, layers, True)
+        time = outside + (1.0 - share) * sum(stages) + share * pipeline(stages, layers, True) + on_demand
         bound = "disk read" if avg(transfers.get("disk_read", 0.0)) > avg(inside) else "compute"
+        if plan.expert_cache is not None:
+            transfers["expert_fetch_on_demand"] = on_demand
+            if avg(on_demand) > avg(inside):
+                bound = "expert fetch"
         return StepTime(time_s=avg(time), device_compute_s=avg(outside + inside),
                         transfers_s={k: avg(v) for k, v in transfers.items()}, bound=bound)
     on_demand: Any = 0.0  # missed experts fetched when the router has chosen them: not overlapped
@@ -433,7 +450,15 @@ def tier_memory(plan: OffloadPlan, system: System, model: ModelSpec, layer_weigh
                "transfer_buffers": buffers, "kv_cache": kv_device, "activations": activations})}
     kv_on_host = kv_cache - kv_device
     if device_is_host(system):
-        pass  # the device's memory is the host's; disk reads land in the buffers counted above
+        # The device's memory is the host's; disk reads land in the buffers counted above, and
+        # the experts outside the cache stay on the drive.
+        if expert_host > 0:
+            assert system.storage is not None
+            tiers["disk"] = TierUse(used=expert_host + plan.weights_disk * layer_weights,
+                                    capacity=system.storage.capacity,
+                                    parts={"weights": plan.weights_disk * layer_weights,
+                                           "experts": expert_host})
+            return tiers
     elif plan.weights_host > 0 or kv_on_host > 0 or plan.weights_disk > 0 or expert_host > 0:
         if system.host is None:
             raise InferSimError(f"system {system.name!r} has no host, which offloading needs; add a host "

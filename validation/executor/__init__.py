@@ -12,7 +12,8 @@ Modules: ``weights`` (random parameters), ``model`` (the forward step, written
 once over a backend), ``numpy_backend`` / ``torch_backend`` (the ops),
 ``profiler`` (kernel timer), ``harness`` (generation and measurement),
 ``results`` (records and medians), ``machine`` (what it ran on), ``offload`` (layers on disk),
-``parallel`` (TP, EP and PP in worker processes over shared memory), ``speculative`` (a draft
+``kv`` (StreamingLLM and H2O eviction, KIVI quantization), ``experts`` (MoE experts on disk
+behind a cache), ``parallel`` (TP, EP and PP in worker processes over shared memory), ``speculative`` (a draft
 model's rounds verified by the target), ``cli``.
 """
 

@@ -3,6 +3,8 @@
     infersim execute --model tiny-dense-58m --batch 4 --input-len 256 --output-len 32 \\
         [--backend numpy|torch] [--device cpu|cuda] [--dtype float32] [--repeats 3] [--seed 0] [--json]
         [--tp N | --ep N | --pp N [--micro-batches M]] [--draft-model NAME --spec-gamma G --spec-alpha A]
+        [--offload-weights disk=F [--no-prefetch]] [--kv-policy window|streaming|h2o --kv-budget N
+        [--kv-sinks S]] [--kv-dtype int8|int4|int2 [--kv-residual R]] [--expert-cache F]
 
 ``simulator/cli.py`` wires it in with ``add_execute_parser(sub)`` and maps
 ``"execute"`` to ``cmd_execute``. Bad input raises ``InferSimError``, which the
@@ -48,9 +50,21 @@ def add_execute_parser(subparsers: Any) -> argparse.ArgumentParser:
                             "step with the page cache dropped")
     group.add_argument("--no-prefetch", action="store_true",
                        help="read each offloaded layer when the step reaches it, not in a reader thread")
-    group.add_argument("--kv-policy", default="full", choices=("full", "window"),
-                       help="window: decode attends to the last --kv-budget tokens")
-    group.add_argument("--kv-budget", type=int, help="tokens kept by --kv-policy window")
+    group.add_argument("--kv-policy", default="full", choices=("full", "window", "streaming", "h2o"),
+                       help="KV eviction in decode: keep a budget of recent tokens, sinks + recent "
+                            "(StreamingLLM), or heavy hitters + recent (H2O)")
+    group.add_argument("--kv-budget", type=float,
+                       help="tokens kept per sequence (> 1) or a fraction of the sequence (<= 1)")
+    group.add_argument("--kv-sinks", type=int, default=4,
+                       help="attention sinks kept by --kv-policy streaming (default 4)")
+    group.add_argument("--kv-dtype", choices=("int8", "int4", "int2"),
+                       help="quantize the KV cache as KIVI does (keys per channel, values per token, "
+                            "groups of 128); default: the run's dtype")
+    group.add_argument("--kv-residual", type=int, default=0,
+                       help="KIVI: recent tokens kept in float32 beside a quantized --kv-dtype (default 0)")
+    group.add_argument("--expert-cache", type=float, metavar="F",
+                       help="MoE: fraction of each layer's experts held in memory (the most routed); "
+                            "the rest on disk, read when routed to")
     plan = parser.add_argument_group("parallel plans, in worker processes on this host")
     plan.add_argument("--tp", type=int, default=1, help="tensor-parallel workers (default 1)")
     plan.add_argument("--ep", type=int, default=1,
@@ -68,18 +82,15 @@ def add_execute_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def strategy_options(args: argparse.Namespace, layers: int) -> dict[str, Any]:
     """``execute`` keyword arguments for the strategy flags."""
-    from simulator.errors import InferSimError
     from simulator.strategies.offload import parse_fractions
 
     options: dict[str, Any] = {"prefetch": not args.no_prefetch}
     disk = parse_fractions(args.offload_weights, ("disk",), "--offload-weights").get("disk", 0.0)
     options["offload_layers"] = round(disk * layers)
-    if args.kv_policy == "window":
-        if not args.kv_budget:
-            raise InferSimError("--kv-policy window needs --kv-budget N (tokens kept)")
-        options["kv_window"] = args.kv_budget
-    elif args.kv_budget is not None:
-        raise InferSimError("--kv-budget needs --kv-policy window")
+    options.update(kv_policy=args.kv_policy, kv_budget=args.kv_budget, kv_sinks=args.kv_sinks,
+                   kv_residual=args.kv_residual, expert_cache=args.expert_cache)
+    if args.kv_dtype is not None:
+        options["kv_bits"] = int(args.kv_dtype.removeprefix("int"))
     options.update(tp=args.tp, ep=args.ep, pp=args.pp, micro_batches=args.micro_batches,
                    draft_model=args.draft_model, spec_gamma=args.spec_gamma, spec_alpha=args.spec_alpha)
     return options
@@ -145,6 +156,8 @@ def print_execution(report: dict[str, Any]) -> None:
         _parallel_rows(table, report["parallel"])
     if "speculative" in report:
         _speculative_rows(table, report["speculative"])
+    if "strategy" in report:
+        _strategy_rows(table, report["strategy"])
     console = Console()
     console.print(table)
     console.print(f"{machine.get('cpu_model')}, {machine.get('usable_cores')} cores, "
@@ -172,3 +185,30 @@ def _speculative_rows(table: Any, speculative: dict[str, Any]) -> None:
                   f"(expected {speculative['expected_tokens_per_round']:.2f})")
     table.add_row("draft step", _ms(speculative["draft_step_s"]), "")
     table.add_row("verify step", _ms(speculative["verify_step_s"]), "")
+
+
+def _strategy_rows(table: Any, strategy: dict[str, Any]) -> None:
+    if "offload" in strategy:
+        offload = strategy["offload"]
+        table.add_row("layers on disk", f"{offload['layers_on_disk']}",
+                      f"{offload['layer_bytes'] / 2**20:.1f} MiB each, "
+                      f"{'prefetch' if offload['prefetch'] else 'no prefetch'}")
+    if "kv_policy" in strategy:
+        policy = strategy["kv_policy"]
+        detail = ", ".join(f"{name} {policy[name]}" for name in ("sinks", "heavy_hitters", "recent")
+                           if name in policy)
+        table.add_row("KV policy", f"{policy['kind']} {policy['budget_tokens']} tokens", detail)
+    if "kv_quantization" in strategy:
+        quant = strategy["kv_quantization"]
+        table.add_row("KV quantization", f"int{quant['bits']}",
+                      f"groups of {quant['group_size']}, {quant['residual_tokens']} residual tokens; codes "
+                      f"{quant['codes_bytes'] / 2**20:.2f} + scales {quant['scale_bytes'] / 2**20:.2f} + "
+                      f"residual {quant['residual_bytes'] / 2**20:.2f} MiB")
+    if "expert_cache" in strategy:
+        experts = strategy["expert_cache"]
+        table.add_row("expert cache", f"{experts['cached_per_layer']} of {experts['experts_per_layer']}"
+                      " per layer", f"{experts['disk_bytes'] / 2**20:.1f} MiB of experts on disk")
+    for phase, counters in strategy.get("counters", {}).items():
+        if counters:
+            table.add_row(f"{phase} counters / step", "",
+                          ", ".join(f"{name} {value:.4g}" for name, value in counters.items()))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -50,15 +50,23 @@ ACTIVATIONS = {
 
 @dataclass
 class KVCache:
-    """Preallocated K and V per layer, each ``[B, KV, max_len, d]``."""
+    """Preallocated K and V per layer, each ``[B, KV, max_len, d]``.
+
+    A ``managed`` cache (``validation.executor.kv``: evicting or quantized) stores, evicts and
+    attends by itself: ``attend(layer, q, k, v, start)`` returns the attention output.
+    """
 
     k: list[Any]
     v: list[Any]
     max_len: int
+    managed: ClassVar[bool] = False
 
     def nbytes(self) -> int:
         return sum(int(a.nbytes) if hasattr(a, "nbytes") else a.numel() * a.element_size()
                    for a in self.k + self.v)
+
+    def attend(self, index: int, q: Any, key: Any, value: Any, start: int) -> Any:
+        raise NotImplementedError("a plain KV cache is read by Transformer._attention")
 
 
 class Backend(Protocol):
@@ -134,7 +142,11 @@ class Transformer:
         self._rope: tuple[Any, Any] | None = None
         self._rope_len = 0
         self.disk: Any = None  # DiskLayers when some layers' weights live on disk
+        self.experts: Any = None  # ExpertStore when MoE experts live on disk behind a cache
         self.kv_window: int | None = None  # KV eviction: decode attends to the last kv_window tokens
+        # An evicting or quantized cache (validation.executor.kv.Eviction / Quantization).
+        self.kv_strategy: Any = None
+        self.counters: dict[str, float] = {}  # the strategies' counts this step (take_counters)
 
     def offload_layers(self, layers: int, prefetch: bool, folder: Any = None) -> None:
         """Put the last ``layers`` layers' weights on disk, read back every step
@@ -150,14 +162,36 @@ class Transformer:
         self.weights.layers = self.disk.resident + self.disk.templates
         self.weight_bytes = self.weight_bytes - self.disk.file_bytes + self.disk.buffer_bytes
 
+    def cache_experts(self, fraction: float, folder: Any = None) -> None:
+        """Keep ``fraction`` of each MoE layer's experts in memory, the rest on disk, read when
+        routed to (``validation.executor.experts``)."""
+        from validation.executor.experts import ExpertStore
+
+        if self.ops.name != "numpy":
+            raise ValueError("experts on disk run on the numpy backend only")
+        self.experts = ExpertStore(self.weights.layers, fraction, folder)
+        self.experts.profiler, self.experts.counters = self.profiler, self.counters
+        self.weight_bytes = self.weight_bytes - self.experts.disk_bytes + self.experts.buffer_bytes
+
+    def take_counters(self) -> dict[str, float]:
+        """The strategies' counts since the last call (expert hits and misses, keys attended)."""
+        counts = dict(self.counters)
+        self.counters.clear()
+        return counts
+
     def close(self) -> None:
         if self.disk is not None:
             self.disk.close()
             self.disk = None
+        if self.experts is not None:
+            self.experts.close()
+            self.experts = None
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         s = self.spec
         self._ensure_rope(max_len)
+        if self.kv_strategy is not None:
+            return self.kv_strategy.new_cache(self, batch, max_len)
         return self.ops.new_cache(len(self.weights.layers), batch, s.kv_heads, max_len, s.head_size)
 
     def _ensure_rope(self, length: int) -> None:
@@ -197,7 +231,7 @@ class Transformer:
             self._attention(x, layer, index, batch, start, cache)
             h = k("post_attention_norm", self._norm, x, layer.post_attention_norm)
             if layer.moe is not None:
-                y = self._moe(h, layer.moe)
+                y = self._moe(h, layer.moe, index)
             else:
                 assert layer.mlp is not None
                 y = self._mlp(h, layer.mlp, MLP_NAMES)
@@ -236,18 +270,21 @@ class Transformer:
             cos, sin = self._rope[0][start:start + tokens], self._rope[1][start:start + tokens]
             q, key = k("rope", ops.rope, q, key, cos, sin)
         end, k_start = start + tokens, 0
-        if cache is not None:
-            k("kv_cache_write", ops.write_cache, cache.k[index], cache.v[index], key, value, start)
-            # With a sliding window the step needs only the last window + T - 1 keys; a KV
-            # eviction window applies to decode (prefill attends to the whole prompt).
-            if s.sliding_window is not None:
-                k_start = max(0, start - s.sliding_window + 1)
-            if self.kv_window is not None and tokens == 1:
-                k_start = max(k_start, start - self.kv_window + 1)
-            key, value = cache.k[index][:, :, k_start:end], cache.v[index][:, :, k_start:end]
+        if cache is not None and cache.managed:  # an evicting or quantized cache attends itself
+            out = cache.attend(index, q, key, value, start)
         else:
-            k_start = start
-        out = k("attention", ops.attention, q, key, value, start, k_start, s.sliding_window)
+            if cache is not None:
+                k("kv_cache_write", ops.write_cache, cache.k[index], cache.v[index], key, value, start)
+                # With a sliding window the step needs only the last window + T - 1 keys; a KV
+                # eviction window applies to decode (prefill attends to the whole prompt).
+                if s.sliding_window is not None:
+                    k_start = max(0, start - s.sliding_window + 1)
+                if self.kv_window is not None and tokens == 1:
+                    k_start = max(k_start, start - self.kv_window + 1)
+                key, value = cache.k[index][:, :, k_start:end], cache.v[index][:, :, k_start:end]
+            else:
+                k_start = start
+            out = k("attention", ops.attention, q, key, value, start, k_start, s.sliding_window)
         attn = k("o_proj", ops.linear, out, layer.o, layer.o_bias)
         k("residual_add", ops.add_, x, self.reduce(attn))
 
@@ -257,18 +294,21 @@ class Transformer:
         act = k(names[1], ops.activation, up, self.act_kind, self.gated)
         return k(names[2], ops.linear, act, mlp.down, mlp.down_bias)
 
-    def _moe(self, h: Any, moe: MoEWeights) -> Any:
-        """``y = sum_{e in topk} g_e FFN_e(h) + FFN_shared(h)``, each expert on its own tokens only."""
+    def _moe(self, h: Any, moe: MoEWeights, index: int) -> Any:
+        """``y = sum_{e in topk} g_e FFN_e(h) + FFN_shared(h)``, each expert on its own tokens only;
+        ``index`` is the layer's (experts on disk are found by it)."""
         k, ops, spec = self.profiler, self.ops, self.spec.moe
         assert spec is not None
         logits = k("router", ops.linear, h, moe.router, moe.router_bias)
         experts, gates = k("topk_gate", ops.route, logits, spec.top_k)
         groups = k("moe_permute", ops.group_by_expert, experts, gates, spec.num_experts)
         out = k("expert_combine", ops.zeros_like, h)
-        for expert, group in zip(moe.experts, groups, strict=True):
+        for number, (expert, group) in enumerate(zip(moe.experts, groups, strict=True)):
             if group is None:
                 continue
             rows, expert_gates = group
+            if self.experts is not None:
+                expert = self.experts.expert(index, number, len(rows))
             routed = k("experts_gather", ops.take_rows, h, rows)
             y = self._mlp(routed, expert, EXPERT_NAMES)
             k("expert_combine", ops.scatter_add_rows, out, rows, y, expert_gates)

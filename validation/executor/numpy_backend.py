@@ -128,6 +128,12 @@ class NumpyBackend:
         (causal) or ``i - j >= window`` (sliding window). The score matrix is
         materialised (the simulator's ``--attention naive``).
         """
+        return self.attention_probs(q, keys, values, q_start, k_start, window)[0]
+
+    def attention_probs(self, q: Array, keys: Array, values: Array, q_start: int, k_start: int,
+                        window: int | None) -> tuple[Array, Array]:
+        """``attention``'s output and its probabilities ``P [B, KV, G*T, L]`` (rows ordered
+        ``(query head, position)``), which H2O sums into each key's attention mass."""
         batch, kv_heads, groups, tokens, head_dim = q.shape
         length = keys.shape[2]
         # Fold the G query heads of a KV head into the rows of one GEMM per (sequence, KV head).
@@ -141,7 +147,7 @@ class NumpyBackend:
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
         out = (scores @ values).reshape(batch, kv_heads, groups, tokens, head_dim)
-        return out.transpose(0, 3, 1, 2, 4).reshape(batch * tokens, kv_heads * groups * head_dim)
+        return out.transpose(0, 3, 1, 2, 4).reshape(batch * tokens, kv_heads * groups * head_dim), scores
 
     def activation(self, up: Array, kind: str, gated: bool) -> Array:
         """Gated: ``act(g) * u`` with ``up = [g | u]``; else ``act(up)``."""

@@ -385,9 +385,9 @@ class ShardRuntime(Transformer):
             return partial
         return self.profiler("all_reduce", self.group.all_reduce, partial)
 
-    def _moe(self, h: Any, moe: MoEWeights) -> Any:
+    def _moe(self, h: Any, moe: MoEWeights, index: int) -> Any:
         if self.ep == 1:
-            return super()._moe(h, moe)
+            return super()._moe(h, moe, index)
         k, ops, spec = self.profiler, self.ops, self.spec.moe
         assert spec is not None
         local = len(moe.experts)

@@ -25,6 +25,8 @@ class StepRecord:
     ops: dict[str, tuple[int, float]]  # op name -> (kernels, seconds)
     # Worker processes' collectives: name -> (calls, bytes, seconds), waits for peers included.
     collectives: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    # Memory-hierarchy strategies' counts: expert hits, misses and bytes read, keys attended.
+    counters: dict[str, float] = field(default_factory=dict)
 
     @property
     def dispatch_s(self) -> float:
@@ -90,6 +92,15 @@ def op_breakdown(steps: list[StepRecord]) -> dict[str, dict[str, float]]:
     return {name: {"kernels": count / n, "time_s": seconds / n} for name, (count, seconds) in totals.items()}
 
 
+def counter_breakdown(steps: list[StepRecord]) -> dict[str, float]:
+    """Per counter: its mean per step over ``steps`` (a step without it counts 0)."""
+    totals: dict[str, float] = {}
+    for step in steps:
+        for name, value in step.counters.items():
+            totals[name] = totals.get(name, 0.0) + value
+    return {name: total / max(len(steps), 1) for name, total in totals.items()}
+
+
 @dataclass(frozen=True)
 class MemoryRecord:
     weights_bytes: int
@@ -135,6 +146,8 @@ class ExecutionResult:
     machine: dict[str, Any] = field(default_factory=dict)
     parallel: dict[str, Any] | None = None  # worker processes: degrees and collectives per step
     speculative: dict[str, Any] | None = None  # draft model: gamma, alpha, rounds, step times
+    # KV policy, KV quantization, expert cache: settings and counters per step of each phase.
+    strategy: dict[str, Any] | None = None
 
     def median(self, attr: str) -> float | None:
         return _median([getattr(r, attr) for r in self.repeats])
@@ -179,4 +192,5 @@ class ExecutionResult:
             "machine": self.machine,
             **({"parallel": self.parallel} if self.parallel is not None else {}),
             **({"speculative": self.speculative} if self.speculative is not None else {}),
+            **({"strategy": self.strategy} if self.strategy is not None else {}),
         }
