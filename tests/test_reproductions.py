@@ -192,3 +192,28 @@ def test_tpi_llm_memory_per_device():
     from docs.reproduce_memory import tpi_llm_gb
 
     assert 0.8 * 3.1 < tpi_llm_gb() <= 3.1
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in
+                                        __import__("pathlib").Path("workloads/scenarios").rglob("*.yaml")))
+def test_every_shipped_scenario_runs(path):
+    from simulator.scenario import run_scenario
+
+    result = run_scenario(path)
+    assert result.throughput_tokens_per_s > 0 and result.memory.total > 0
+
+
+def test_reproduction_scenarios_point_the_papers_way():
+    from simulator.scenario import run_scenario
+
+    folder = "workloads/scenarios/reproductions/"
+    flexgen = run_scenario(folder + "flexgen-opt-30b-t4.yaml")
+    h2o = run_scenario(folder + "h2o-opt-30b-t4.yaml")
+    assert 7.32 / 3 < flexgen.throughput_tokens_per_s < 7.32 * 3
+    assert 1.2 < h2o.throughput_tokens_per_s / flexgen.throughput_tokens_per_s < 6.0
+    kivi = run_scenario(folder + "kivi-llama-2-7b-a100.yaml")
+    assert kivi.memory.total <= kivi.memory.capacity  # batch 128 fits with 2-bit KV
+    xquant = run_scenario(folder + "xquant-llama-2-7b-a100.yaml")
+    assert xquant.strategy["kv_store"].startswith("x")
+    flash = run_scenario(folder + "llm-in-a-flash-opt-6.7b.yaml")
+    assert flash.strategy["flash"]["reads_per_step"]["decode"]["read_size"] == pytest.approx(16384)
