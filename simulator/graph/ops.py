@@ -17,7 +17,7 @@ import numpy as np
 
 Quantity = float | np.ndarray
 OpKind = Literal["gemm", "attention", "softmax", "elementwise", "cache_write", "norm", "rope", "activation",
-                 "embedding", "sampling"]
+                 "embedding", "sampling", "unpack", "dequantize"]
 """What kind of kernel an op is: devices may reach different fractions of bandwidth per kind."""
 Unit = Literal["matrix", "vector"]
 

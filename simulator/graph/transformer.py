@@ -291,16 +291,21 @@ class _Builder:
         if not flash and not materialised and self.p.kv_bytes < self.a:
             # Eager attention cannot read a quantized cache: the attended K/V are dequantized into
             # the activation dtype first, as an eager framework does it: sub-byte codes unpacked
-            # to bytes, then scaled (codes x scale) and shifted (+ minimum) in two passes.
-            # FlashAttention-style kernels dequantize in registers, inside the attention kernel.
+            # to bytes (for each of the 8/bits codes in a byte, a shift and a mask, each pass
+            # writing every 8/bits-th byte, for K and for V), then scaled (codes x scale) and
+            # shifted (+ minimum) in two passes. FlashAttention-style kernels dequantize in
+            # registers, inside the attention kernel.
             values = b * kv_width * (keys - recent)
             packed = values * self.p.kv_bytes
             if self.p.kv_bytes < 1.0:
+                per = max(1, round(1.0 / self.p.kv_bytes))  # codes per byte (scales aside)
+                passes = 2 * 2 * per  # K and V, a shift and a mask per code
                 self.ops.append(Op(
-                    name="kv_unpack", kind="elementwise", flops=2.0 * values, read_bytes=packed,
-                    write_bytes=values * 1.0, kv_read_bytes=packed, dtype=self.p.act, count=L))
+                    name="kv_unpack", kind="unpack", flops=2.0 * values / passes,
+                    read_bytes=2.0 * values / passes, write_bytes=2.0 * values / passes,
+                    kv_read_bytes=packed / passes, dtype=self.p.act, count=L * passes))
             self.ops.append(Op(
-                name="kv_dequantize", kind="elementwise", flops=2.0 * values,
+                name="kv_dequantize", kind="dequantize", flops=2.0 * values,
                 read_bytes=values * (1.0 + self.a), write_bytes=2.0 * values * self.a,
                 kv_read_bytes=packed if self.p.kv_bytes >= 1.0 else 0.0, dtype=self.p.act, count=L))
             kv_bytes, kv_read = b * keys * kv_width * self.a, 0.0

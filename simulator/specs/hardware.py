@@ -83,7 +83,7 @@ class GemmTiling(Spec):
 
 
 KernelKind = Literal["gemm", "gemv", "attention", "softmax", "elementwise", "cache_write", "norm", "rope",
-                     "activation", "embedding", "sampling"]
+                     "activation", "embedding", "sampling", "unpack", "dequantize"]
 """The op kinds of ``simulator.graph.ops.OpKind``, plus ``gemv`` for one-row GEMMs."""
 
 
