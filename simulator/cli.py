@@ -224,10 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hardware YAML to write, e.g. hardware_specs/local/NAME.yaml")
     cal.add_argument("--name", help="device name (default: the file name)")
     cal.add_argument("--quick", action="store_true", help="fewer sizes and shorter timings (~1 min)")
-    cal.add_argument("--only", choices=("workers", "refit"),
+    cal.add_argument("--only", choices=("workers", "dequantize", "refit"),
                      help="on an existing --out file: workers re-measures only what parallel worker "
                           "processes see (shared memory, the executor's collectives, GEMMs in a "
-                          "worker); refit fits the recorded microbenchmarks again without measuring")
+                          "worker); dequantize only the KV dequantization kernels; refit fits the "
+                          "recorded microbenchmarks again without measuring")
 
     from validation.executor.cli import add_execute_parser
 
@@ -384,6 +385,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         from simulator.calibrate.host import update_shared
 
         return update_shared(Path(args.out), args.quick)
+    if args.only == "dequantize":
+        from simulator.calibrate.host import update_dequantize
+
+        return update_dequantize(Path(args.out), args.quick)
     if args.only == "refit":
         from simulator.calibrate.host import refit
 

@@ -301,3 +301,25 @@ def test_recorded_calibration_points_rebuild_as_ops():
     assert len(points.ops) == len(raw)
     assert [r["op"] for r in points.raw] == [r["op"] for r in raw]
     assert points.measured_s == [r["seconds"] for r in raw]
+
+
+def test_a_kernel_kind_fitted_alone_recovers_its_bandwidth():
+    import numpy as np
+
+    from simulator.calibrate.host import DEQUANTIZE_KINDS, _dequantize_ops
+    from simulator.calibrate.operators import fit_kernel_kinds
+    from simulator.cost.roofline import cost_op
+    from simulator.specs.hardware import KernelEfficiency
+
+    host = load_system("hardware_specs/local/epyc-2core.yaml").device
+    truth = host.model_copy(update={"efficiency": host.efficiency.model_copy(update={"kernels": {
+        **host.efficiency.kernels,
+        "unpack": KernelEfficiency(bandwidth=0.1, half_size=1e5, floor=2e-6),
+        "dequantize": KernelEfficiency(bandwidth=0.5, half_size=1e5, floor=3e-6)}})})
+    groups = [_dequantize_ops(bits, batch, tokens) for bits in (8, 4, 2)
+              for batch, tokens in ((1, 128), (1, 1024), (4, 512), (4, 2048))]
+    measured = np.array([sum(float(np.mean(cost_op(op, truth).total_s)) for op in g) for g in groups])
+    fitted, info = fit_kernel_kinds(host, groups, measured, DEQUANTIZE_KINDS)
+    assert info["residuals"]["median_abs_rel_error"] < 0.02
+    assert fitted.efficiency.kernels["unpack"].bandwidth == pytest.approx(0.1, rel=0.2)
+    assert fitted.efficiency.kernels["norm"] == host.efficiency.kernels["norm"]

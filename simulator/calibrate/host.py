@@ -554,6 +554,49 @@ def bench_shared_memory(quick: bool) -> list[dict[str, float]]:
     return rows
 
 
+FP32_KV = {bits: Precision(weight="fp32", kv=f"int{bits}", act="fp32", compute="fp32") for bits in (8, 4, 2)}
+DEQUANTIZE_KINDS = ("unpack", "dequantize")
+
+
+def _dequantize_ops(bits: int, batch: int, context: int) -> tuple[Op, ...]:
+    shape = StepShape("decode", batch, 1, float(context))
+    step = build_step(CALIBRATION_MODEL, shape, FP32_KV[bits], "naive")
+    return tuple(op for op in step if op.kind in DEQUANTIZE_KINDS)
+
+
+def bench_dequantize(host: Machine, quick: bool) -> Points:
+    """The executor's KIVI dequantization (unpack, scale, shift) of one layer's cache, timed after
+    a GEMM, on codes and scales written beforehand (never-written pages fault on first touch)."""
+    from validation.executor.kv import Quantization, QuantizedCache
+    from validation.executor.numpy_backend import NumpyBackend
+    from validation.executor.profiler import KernelProfiler
+
+    model, rng, points = CALIBRATION_MODEL, np.random.default_rng(2), Points()
+    context = AfterGemm(host.l3_bytes or 32 * 2**20)
+    runtime = type("Runtime", (), {"ops": NumpyBackend(), "profiler": KernelProfiler(), "counters": {}})()
+    for bits in (8, 4, 2):
+        for batch, tokens in ([(1, 256), (4, 2048)] if quick else [(1, 128), (1, 1024), (4, 512), (4, 2048)]):
+            cache = QuantizedCache(Quantization(bits), 1, batch, model.kv_heads, tokens, model.head_size,
+                                   runtime)
+            for array in cache.k + cache.v:
+                array[...] = rng.integers(0, 256, array.shape, dtype=np.uint8)
+            for array in cache.key_scale + cache.key_min + cache.value_scale + cache.value_min:
+                array[...] = rng.random(array.shape, dtype=np.float32)
+            cache.quantized[0] = tokens
+            seconds = context.time(lambda c=cache: c.dequantize(0, 0), 5 if quick else 9)
+            points.add(_dequantize_ops(bits, batch, tokens), seconds, bits=bits, batch=batch,
+                       kv_tokens=tokens)
+    return points
+
+
+def fit_dequantize(device: Device, points: Points) -> tuple[Device, dict[str, Any]]:
+    """The unpack and dequantize kinds fitted to their own points, the rest of ``device`` held."""
+    from simulator.calibrate.operators import fit_kernel_kinds
+
+    fitted, info = fit_kernel_kinds(device, points.ops, np.array(points.measured_s), DEQUANTIZE_KINDS)
+    return fitted, {**info, "points": points.raw}
+
+
 def fit_host(device: Device, points: Points, executor_dispatch: dict[str, float]) -> tuple[Device, dict]:
     """The host's efficiencies fitted to its microbenchmark points.
 
@@ -583,6 +626,8 @@ def points_from_raw(raw: list[dict[str, Any]]) -> Points:
             ops: Op | tuple[Op, ...] = _ops_at(int(row["m"]))[row["op"]]
         elif "tokens" in row:
             ops = _ops_at(int(row["tokens"]))[row["op"]]
+        elif "bits" in row:
+            ops = _dequantize_ops(int(row["bits"]), int(row["batch"]), int(row["kv_tokens"]))
         elif "context" in row:
             step = _ops_at(int(row["batch"]), context=int(row["context"]))
             ops = tuple(step[n] for n in NAIVE_ATTENTION)
@@ -606,6 +651,9 @@ def refit(out: Path) -> int:
     device = load_device(out)
     base = device.model_copy(update={"efficiency": DeviceEfficiency()})
     fitted, info = fit_host(base, points_from_raw(fit["points"]), fit["executor_dispatch"])
+    if isinstance(fit.get("dequantize"), dict) and fit["dequantize"].get("points"):
+        fitted, dequantize = fit_dequantize(fitted, points_from_raw(fit["dequantize"]["points"]))
+        info["dequantize"] = {**fit["dequantize"], **dequantize}
     document["efficiency"].update(_efficiency_fields(fitted.efficiency))
     fit.update(_round({**info, "refit": {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
@@ -683,6 +731,31 @@ def fit_worker(host_device: Device, raw: list[dict[str, Any]]) -> dict[str, Any]
     _, info = fit_device_to_ops(base, points.ops, np.array(points.measured_s), WORKER_KINDS,
                                 max_bandwidth={"gemv": float(host_device.compute_units or 1)})
     return {"parameters": info["parameters"], "residuals": info["residuals"], "points": raw}
+
+
+def update_dequantize(out: Path, quick: bool) -> int:
+    """Measure and fit only the KV dequantization kernels of a calibrated host file."""
+    from simulator.calibrate.operators import _round
+    from simulator.specs.loader import load_device
+
+    document = yaml.safe_load(out.read_text())
+    fit = (document.get("efficiency") or {}).get("fit")
+    if not isinstance(fit, dict):
+        raise InferSimError(f"{out}: not a file written by infersim calibrate (no efficiency.fit)")
+    host = machine()
+    recorded = (fit.get("machine") or {}).get("cpu")
+    if recorded and recorded != host.cpu:
+        raise InferSimError(f"{out} was calibrated on {recorded!r}, this is {host.cpu!r}: calibrate anew")
+    fitted, info = fit_dequantize(load_device(out), bench_dequantize(host, quick))
+    document["efficiency"]["kernels"] = _efficiency_fields(fitted.efficiency)["kernels"]
+    fit["dequantize"] = _round({**info, "date": dt.datetime.now().isoformat(timespec="seconds"),
+                                "command": f"infersim calibrate --out {out} --only dequantize"})
+    write_yaml(document, out)
+    load_device(out)
+    residuals = info["residuals"]
+    print(f"updated {out}: KV dequantization fitted within {residuals['median_abs_rel_error']:.1%} median, "
+          f"{residuals['p90_abs_rel_error']:.1%} p90 over {residuals['rows']} microbenchmarks")
+    return 0
 
 
 def update_shared(out: Path, quick: bool) -> int:
@@ -780,6 +853,8 @@ def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
     device = Device.model_validate(base)
     progress(f"fitting {len(points.ops)} points")
     fitted, info = fit_host(device, points, executor_dispatch)
+    progress("KV dequantization")
+    fitted, info["dequantize"] = fit_dequantize(fitted, bench_dequantize(host, quick))
     progress("worker processes: shared memory, collectives, GEMMs")
     shared = bench_shared(quick, host.cores, fitted)
 

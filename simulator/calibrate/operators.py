@@ -135,7 +135,7 @@ def fit_device_to_ops(base: Device, ops: list[tuple[Op, ...]], measured_s: np.nd
 
     def residuals(x: np.ndarray) -> np.ndarray:
         device = device_with(base, x, "fitting", kinds=kinds)
-        predicted = [sum(float(np.mean(cost_op(op, device).time_s)) for op in group) for group in ops]
+        predicted = [sum(float(np.mean(cost_op(op, device).total_s)) for op in group) for group in ops]
         return np.log(predicted) - measured
 
     result = _robust_fit(residuals, params)
@@ -145,6 +145,36 @@ def fit_device_to_ops(base: Device, ops: list[tuple[Op, ...]], measured_s: np.nd
         "residuals": _residual_stats(result.fun),
     }
     return device_with(base, result.x, "fitted", info, kinds), info
+
+
+def fit_kernel_kinds(base: Device, ops: list[tuple[Op, ...]], measured_s: np.ndarray,
+                     kinds: tuple[str, ...]) -> tuple[Device, dict[str, Any]]:
+    """Only ``kinds``' bandwidth, half size and floor fitted to their own microbenchmarks, every
+    other parameter of ``base`` held (a kind whose few points a joint fit would treat as outliers)."""
+    params = [row for kind in kinds for row in (
+        (f"{kind}_bandwidth", 0.005, 1.0, 0.3), (f"log10_{kind}_half_bytes", 2.0, 9.0, 5.0),
+        (f"log10_{kind}_floor_s", -7.0, -3.0, -5.5))]
+    measured = np.log(np.asarray(measured_s, dtype=float))
+
+    def device_for(x: np.ndarray) -> Device:
+        values = dict(zip([p[0] for p in params], map(float, x), strict=True))
+        kernels = {**base.efficiency.kernels, **{kind: KernelEfficiency(
+            bandwidth=values[f"{kind}_bandwidth"], half_size=10 ** values[f"log10_{kind}_half_bytes"],
+            floor=10 ** values[f"log10_{kind}_floor_s"]) for kind in kinds}}
+        return base.model_copy(update={"efficiency": base.efficiency.model_copy(update={"kernels": kernels})})
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        device = device_for(x)
+        predicted = [sum(float(np.mean(cost_op(op, device).total_s)) for op in group) for group in ops]
+        return np.log(predicted) - measured
+
+    lower, upper = np.array([p[1] for p in params]), np.array([p[2] for p in params])
+    result = least_squares(residuals, np.array([p[3] for p in params]), bounds=(lower, upper),
+                           x_scale="jac", max_nfev=400)
+    info = {"method": "scipy least_squares on log(predicted/measured), these kinds alone",
+            "parameters": dict(zip([p[0] for p in params], map(float, result.x), strict=True)),
+            "residuals": _residual_stats(result.fun)}
+    return device_for(result.x), info
 
 
 # --- systems ------------------------------------------------------------------------------
