@@ -194,7 +194,7 @@ def test_shared_memory_is_unlinked_when_the_run_fails(monkeypatch):
         assert len(my_segments()) == 1
         raise InferSimError("a worker failed")
 
-    monkeypatch.setattr(par, "_start", lambda ctx, job, workers: ([], []))
+    monkeypatch.setattr(par, "_spawn", lambda ctx, target, args, procs, conns: None)
     monkeypatch.setattr(par, "_collect", fail)
     with pytest.raises(InferSimError, match="a worker failed"):
         par.execute_parallel(DENSE, 2, 4, 2, tp=2, repeats=1)

@@ -265,13 +265,17 @@ def gemm_cases(host: Machine, quick: bool) -> Iterator[tuple[str, int, np.ndarra
             yield name, m, rng.standard_normal((m, k), dtype=np.float32), weights
 
 
-def bench_gemms(points: Points, host: Machine, quick: bool) -> None:
-    """Every GEMM point of ``gemm_cases``, timed with the executor's own linear."""
+def bench_gemms(points: Points, host: Machine, quick: bool,
+                before: Callable[[], object] | None = None) -> None:
+    """Every GEMM point of ``gemm_cases``, timed with the executor's own linear; ``before`` runs
+    ahead of each point (worker processes wait there for each other)."""
     from validation.executor.numpy_backend import NumpyBackend
 
     backend = NumpyBackend()
     for name, m, x, weights in gemm_cases(host, quick):
         turn = iter(range(10**9))
+        if before is not None:
+            before()
         seconds = median_time(lambda: backend.linear(x, weights[next(turn) % len(weights)], None),
                               min_seconds=0.02 if quick else 0.05)
         n, k = weights[0].shape[1], weights[0].shape[0]
@@ -733,11 +737,8 @@ def fit_worker(host_device: Device, raw: list[dict[str, Any]]) -> dict[str, Any]
     return {"parameters": info["parameters"], "residuals": info["residuals"], "points": raw}
 
 
-def update_dequantize(out: Path, quick: bool) -> int:
-    """Measure and fit only the KV dequantization kernels of a calibrated host file."""
-    from simulator.calibrate.operators import _round
-    from simulator.specs.loader import load_device
-
+def _calibrated_on_this_host(out: Path) -> tuple[dict[str, Any], dict[str, Any], Machine]:
+    """A host file ``infersim calibrate`` wrote on this CPU: its document, its fit, the machine."""
     document = yaml.safe_load(out.read_text())
     fit = (document.get("efficiency") or {}).get("fit")
     if not isinstance(fit, dict):
@@ -746,6 +747,15 @@ def update_dequantize(out: Path, quick: bool) -> int:
     recorded = (fit.get("machine") or {}).get("cpu")
     if recorded and recorded != host.cpu:
         raise InferSimError(f"{out} was calibrated on {recorded!r}, this is {host.cpu!r}: calibrate anew")
+    return document, fit, host
+
+
+def update_dequantize(out: Path, quick: bool) -> int:
+    """Measure and fit only the KV dequantization kernels of a calibrated host file."""
+    from simulator.calibrate.operators import _round
+    from simulator.specs.loader import load_device
+
+    document, fit, host = _calibrated_on_this_host(out)
     fitted, info = fit_dequantize(load_device(out), bench_dequantize(host, quick))
     document["efficiency"]["kernels"] = _efficiency_fields(fitted.efficiency)["kernels"]
     fit["dequantize"] = _round({**info, "date": dt.datetime.now().isoformat(timespec="seconds"),
@@ -764,14 +774,7 @@ def update_shared(out: Path, quick: bool) -> int:
     from simulator.calibrate.operators import _round
     from simulator.specs.loader import load_device
 
-    document = yaml.safe_load(out.read_text())
-    fit = (document.get("efficiency") or {}).get("fit")
-    if not isinstance(fit, dict):
-        raise InferSimError(f"{out}: not a file written by infersim calibrate (no efficiency.fit)")
-    host = machine()
-    recorded = (fit.get("machine") or {}).get("cpu")
-    if recorded and recorded != host.cpu:
-        raise InferSimError(f"{out} was calibrated on {recorded!r}, this is {host.cpu!r}: calibrate anew")
+    document, fit, host = _calibrated_on_this_host(out)
     shared = bench_shared(quick, host.cores, load_device(out))
     fit["shared_memory"] = _round({**shared, "machine": host.describe(),
                                    "command": f"infersim calibrate --out {out} --only workers"})

@@ -49,11 +49,13 @@ from simulator.graph.ops import avg
 from simulator.graph.transformer import ExpertShard
 from simulator.specs.hardware import CollectiveSpec, Link, MeasuredCollective, System, SystemLinks
 from simulator.specs.model import ModelSpec
+from simulator.strategies.offload import NON_LAYER_OPS
 
 OVERLAP_LEVELS = {"none": 0.0, "partial": 0.5, "full": 1.0}
 WORKER_KINDS = ("gemm", "gemv")
 FIRST_STAGE_OPS = frozenset({"embedding", "position_embedding"})
 LAST_STAGE_OPS = frozenset({"final_norm", "lm_head", "sampling"})
+assert FIRST_STAGE_OPS | LAST_STAGE_OPS == NON_LAYER_OPS  # the ops outside the repeated layers
 # Under sequence parallelism these run on 1/tp of the tokens between the reduce-scatter and
 # the all-gather.
 SEQUENCE_SPLIT_OPS = frozenset({"input_norm", "post_attention_norm", "residual_add"})
@@ -314,7 +316,7 @@ class ParallelStep:
 def _op_sum(costs: list[OpCost], names: frozenset[str] | None, layers: bool, scale: dict[str, float]) -> Any:
     total: Any = 0.0
     for c in costs:
-        outside = c.op.name in FIRST_STAGE_OPS or c.op.name in LAST_STAGE_OPS
+        outside = c.op.name in NON_LAYER_OPS
         if layers == outside:
             continue
         if names is not None and c.op.name not in names:
@@ -391,8 +393,8 @@ def step_time(plan: ParallelPlan, system: System, model: ModelSpec, tokens: int,
     bubble = max(0.0, time - m * longest - (p - 1) * send * (phase == "prefill")
                  - p * send * (phase != "prefill" and plan.schedule == "gpipe"))
     energy_busy = frac * sum(avg(c.total_energy_j) for c in costs
-                             if c.op.name not in FIRST_STAGE_OPS | LAST_STAGE_OPS)
-    energy_busy += sum(avg(c.total_energy_j) for c in costs if c.op.name in FIRST_STAGE_OPS | LAST_STAGE_OPS)
+                             if c.op.name not in NON_LAYER_OPS)
+    energy_busy += sum(avg(c.total_energy_j) for c in costs if c.op.name in NON_LAYER_OPS)
     per_device = m * energy_busy + max(0.0, time - busy) * device.power.idle
     parts = {"compute": busy, "communication": communication, "pipeline bubble": bubble}
     return ParallelStep(time_s=time, compute_s=busy, communication_s=communication,

@@ -20,7 +20,6 @@ the measured tokens pick.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 
 from simulator.errors import InferSimError
 from validation.executor.model import _convert
-from validation.executor.offload import CHUNK, _arrays
+from validation.executor.offload import CHUNK, tree_views, write_tree
 from validation.executor.weights import LayerWeights, MLPWeights
 
 COUNTERS = ("expert_hits", "expert_misses", "expert_bytes_read")
@@ -83,15 +82,7 @@ class ExpertStore:
 
     def _write(self, index: int, number: int, expert: MLPWeights) -> int:
         path = self.folder / f"layer-{index}-expert-{number}.bin"
-        layout, offset = [], 0
-        with open(path, "wb") as handle:
-            for array in _arrays(expert):
-                data = np.ascontiguousarray(array)
-                handle.write(data.tobytes())
-                layout.append((data.shape, data.dtype, offset))
-                offset += data.nbytes
-            handle.flush()
-            os.fsync(handle.fileno())
+        layout, offset = write_tree(path, expert)
         self.files[index, number] = path
         self.sizes[index, number] = offset
         self.layouts[index, number] = layout
@@ -105,9 +96,7 @@ class ExpertStore:
             experts[number] = self.resident[index].get(number, self.templates[index, number])
 
     def _views(self, index: int, number: int, buffer: np.ndarray) -> MLPWeights:
-        views = iter([buffer[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
-                      for shape, dtype, offset in self.layouts[index, number]])
-        return _convert(self.templates[index, number], lambda _: next(views))
+        return tree_views(self.templates[index, number], self.layouts[index, number], buffer)
 
     def _load(self, index: int, number: int) -> MLPWeights:
         """An expert joining the cache, in arrays of its own (untimed: the cache is set up once)."""

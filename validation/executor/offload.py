@@ -39,6 +39,32 @@ def _arrays(tree: Any) -> list[np.ndarray]:
     return found
 
 
+Layout = list[tuple[tuple[int, ...], np.dtype, int]]
+
+
+def write_tree(path: Path, tree: Any) -> tuple[Layout, int]:
+    """Write a weight tree's arrays back to back to ``path`` (synced to the drive); returns each
+    array's (shape, dtype, offset) and the bytes written."""
+    layout: Layout = []
+    offset = 0
+    with open(path, "wb") as handle:
+        for array in _arrays(tree):
+            data = np.ascontiguousarray(array)
+            handle.write(data.tobytes())
+            layout.append((data.shape, data.dtype, offset))
+            offset += data.nbytes
+        handle.flush()
+        os.fsync(handle.fileno())
+    return layout, offset
+
+
+def tree_views(template: Any, layout: Layout, buffer: np.ndarray) -> Any:
+    """``template`` (a tree of empty arrays) filled with views of ``buffer`` as ``layout`` says."""
+    views = iter([buffer[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+                  for shape, dtype, offset in layout])
+    return _convert(template, lambda _: next(views))
+
+
 class DiskLayers:
     """The model's layer list, with ``offloaded`` layers served from files."""
 
@@ -51,21 +77,13 @@ class DiskLayers:
         self.resident = layers[:self.first]
         self.folder = Path(tempfile.mkdtemp(prefix="infersim-layers-", dir=folder))
         self.files: list[Path] = []
-        self.layouts: list[list[tuple[tuple[int, ...], np.dtype, int]]] = []
+        self.layouts: list[Layout] = []
         # Each offloaded layer stays as a tree of empty arrays; a read fills in views of a buffer.
         self.templates: list[LayerWeights] = []
         size = self.file_bytes = 0
         for index, layer in enumerate(layers[self.first:], start=self.first):
             path = self.folder / f"layer-{index}.bin"
-            layout, offset = [], 0
-            with open(path, "wb") as handle:
-                for array in _arrays(layer):
-                    data = np.ascontiguousarray(array)
-                    handle.write(data.tobytes())
-                    layout.append((data.shape, data.dtype, offset))
-                    offset += data.nbytes
-                handle.flush()
-                os.fsync(handle.fileno())
+            layout, offset = write_tree(path, layer)
             self.files.append(path)
             self.layouts.append(layout)
             self.templates.append(_convert(layer, lambda array: np.empty(0, array.dtype)))
@@ -89,9 +107,7 @@ class DiskLayers:
         buffer = self.buffers[slot % 2]
         done = read_file_into(self.files[slot], buffer[:self.layer_bytes], CHUNK)
         self.bytes_read += done
-        views = iter([buffer[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
-                      for shape, dtype, offset in self.layouts[slot]])
-        return _convert(self.templates[slot], lambda _: next(views))
+        return tree_views(self.templates[slot], self.layouts[slot], buffer)
 
     def begin_step(self) -> None:
         """Start reading the first offloaded layer (prefetch), under the resident layers."""

@@ -579,15 +579,17 @@ def _collect(conns: list[Connection]) -> list[dict[str, Any]]:
     return [reports[rank] for rank in range(len(conns))]
 
 
-def _start(ctx: Any, job: _Job, workers: int) -> tuple[list[Any], list[Connection]]:
-    """Start the workers with one BLAS thread each (the parent's environment restored after)."""
+def _spawn(ctx: Any, target: Any, args: list[tuple[Any, ...]], procs: list[Any],
+           conns: list[Connection]) -> None:
+    """Start one worker per ``args`` entry (``target(*args[i], conn)``) with one BLAS thread each,
+    the parent's environment restored after; each appends to ``procs`` and ``conns`` as it starts,
+    so the caller's ``_stop`` reaches whatever started."""
     saved = {name: os.environ.get(name) for name in THREAD_VARS}
     os.environ.update({name: "1" for name in THREAD_VARS})
-    procs, conns = [], []
     try:
-        for rank in range(workers):
+        for rank, rank_args in enumerate(args):
             receiver, sender = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, args=(job, rank, sender), name=f"infersim-rank{rank}",
+            proc = ctx.Process(target=target, args=(*rank_args, sender), name=f"infersim-rank{rank}",
                                daemon=True)
             procs.append(proc)
             conns.append(receiver)
@@ -599,7 +601,6 @@ def _start(ctx: Any, job: _Job, workers: int) -> tuple[list[Any], list[Connectio
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    return procs, conns
 
 
 def _stop(procs: list[Any], conns: list[Connection]) -> None:
@@ -702,7 +703,7 @@ def execute_parallel(
     procs: list[Any] = []
     conns: list[Connection] = []
     try:
-        procs, conns = _start(ctx, job, workers)
+        _spawn(ctx, _worker, [(job, rank) for rank in range(workers)], procs, conns)
         reports = _collect(conns)
     finally:
         _stop(procs, conns)
@@ -780,26 +781,15 @@ def bench_collectives(sizes: tuple[int, ...] = BENCH_SIZES,
         channels=((0, 1), (1, 0)), barriers=(ctx.Barrier(2),),
         semaphores=((ctx.Semaphore(1), ctx.Semaphore(0)), (ctx.Semaphore(1), ctx.Semaphore(0))))
     shm = SharedMemory(name=plan.segment, create=True, size=plan.nbytes)
-    saved = {name: os.environ.get(name) for name in THREAD_VARS}
-    os.environ.update({name: "1" for name in THREAD_VARS})
-    procs, conns = [], []
+    procs: list[Any] = []
+    conns: list[Connection] = []
     try:
-        for rank in range(2):
-            receiver, sender = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_bench_worker, args=(plan, rank, sizes, rounds, sender), daemon=True)
-            proc.start()
-            sender.close()
-            procs.append(proc)
-            conns.append(receiver)
-        for name, value in saved.items():
-            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        _spawn(ctx, _bench_worker, [(plan, rank, sizes, rounds) for rank in range(2)], procs, conns)
         status, payload = conns[0].recv()
         conns[1].recv()
         if status != "ok":
             raise InferSimError(f"collective benchmark failed:\n{payload}")
     finally:
-        for name, value in saved.items():
-            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
         _stop(procs, conns)
         shm.close()
         shm.unlink()
@@ -808,19 +798,12 @@ def bench_collectives(sizes: tuple[int, ...] = BENCH_SIZES,
 
 
 def _gemm_worker(ready: Any, quick: bool, conn: Connection) -> None:  # pragma: no cover - a worker
-    """The calibration's GEMMs (``simulator.calibrate.host.bench_gemms``' shapes and rotated
-    weights), every point started together with the other workers."""
-    from simulator.calibrate.host import Points, _ops_at, gemm_cases, machine, median_time
-    from validation.executor.numpy_backend import NumpyBackend
+    """The calibration's GEMMs, every point started together with the other workers."""
+    from simulator.calibrate.host import Points, bench_gemms, machine
 
     try:
-        backend, points = NumpyBackend(), Points()
-        for name, m, x, weights in gemm_cases(machine(), quick):
-            turn = iter(range(10**9))
-            ready.wait(COMM_TIMEOUT_S)
-            seconds = median_time(lambda: backend.linear(x, weights[next(turn) % len(weights)], None),
-                                  min_seconds=0.02 if quick else 0.05)
-            points.add(_ops_at(m)[name], seconds, m=m, n=weights[0].shape[1], k=weights[0].shape[0])
+        points = Points()
+        bench_gemms(points, machine(), quick, before=lambda: ready.wait(COMM_TIMEOUT_S))
         conn.send(("ok", points.raw))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
@@ -834,23 +817,12 @@ def bench_worker_gemms(concurrent: int, quick: bool = False) -> list[dict[str, A
     raw points (``simulator.calibrate.host.Points.raw``)."""
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Barrier(concurrent)
-    saved = {name: os.environ.get(name) for name in THREAD_VARS}
-    os.environ.update({name: "1" for name in THREAD_VARS})
-    procs, conns = [], []
+    procs: list[Any] = []
+    conns: list[Connection] = []
     try:
-        for _ in range(concurrent):
-            receiver, sender = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_gemm_worker, args=(ready, quick, sender), daemon=True)
-            proc.start()
-            sender.close()
-            procs.append(proc)
-            conns.append(receiver)
-        for name, value in saved.items():
-            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        _spawn(ctx, _gemm_worker, [(ready, quick)] * concurrent, procs, conns)
         reports = [conn.recv() for conn in conns]
     finally:
-        for name, value in saved.items():
-            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
         _stop(procs, conns)
     for status, payload in reports:
         if status != "ok":
