@@ -16,9 +16,11 @@ CASES = [
     ("llama-2-70b, TP 8", "llama-2-70b", "dgx-h100", {"parallel": simulator.ParallelPlan(tp=8)}),
     ("llama-2-70b, TP 4 x PP 2, 4 micro-batches", "llama-2-70b", "dgx-h100",
      {"parallel": simulator.ParallelPlan(tp=4, pp=2, micro_batches=4)}),
-    ("mixtral-8x7b, TP 2 x EP 8", "mixtral-8x7b", "dgx-h100", {"parallel": simulator.ParallelPlan(tp=2, ep=8)}),
+    ("mixtral-8x7b, TP 2 x EP 8", "mixtral-8x7b", "dgx-h100",
+     {"parallel": simulator.ParallelPlan(tp=2, ep=8)}),
     ("llama-2-70b, TP 8, prefill on H100 / decode on A100", "llama-2-70b", "dgx-h100",
-     {"parallel": simulator.ParallelPlan(tp=8), "prefill_hardware": "dgx-h100", "decode_hardware": "dgx-a100"}),
+     {"parallel": simulator.ParallelPlan(tp=8), "prefill_hardware": "dgx-h100",
+      "decode_hardware": "dgx-a100"}),
 ]
 
 

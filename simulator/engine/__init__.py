@@ -1,0 +1,1 @@
+"""Serving simulation: requests, schedulers, paged KV and replicas over the step cost model."""

@@ -1,0 +1,114 @@
+"""What a serving run leaves behind, simulated or measured, and the numbers read off it.
+
+Both the engine (``simulator.engine``) and the executor's real serving loop
+(``validation.executor.serve``) fill one ``ServeRecords``, so predicted and measured
+runs are summarized by the same code.
+
+Per request (``REQUEST_COLUMNS``): ``arrival_s``, ``scheduled_s`` (first admitted to a
+batch), ``first_token_s``, ``completion_s``, the prompt and output token counts,
+``preemptions``, the replica or pool that served it and the energy charged to it.
+Per iteration (``ITERATION_COLUMNS``): start and end, what the batch held, the KV
+cache in use and the power drawn. ``token_gaps_s``: every gap between two
+consecutive output tokens of one request (TBT samples), in any order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+REQUEST_COLUMNS = (
+    "request_id", "arrival_s", "prompt_tokens", "output_tokens", "scheduled_s", "first_token_s",
+    "completion_s", "preemptions", "replica", "pool", "energy_j",
+)
+ITERATION_COLUMNS = (
+    "iteration", "replica", "pool", "start_s", "end_s", "prefill_requests", "prefill_tokens",
+    "decode_requests", "decode_tokens", "kv_blocks_used", "kv_blocks_total", "power_w",
+)
+PERCENTILES = (50, 90, 99)
+
+
+def percentiles(values: np.ndarray) -> dict[str, float | None]:
+    """``{p50, p90, p99}`` of ``values`` (None when there are none)."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return {f"p{p}": None for p in PERCENTILES}
+    return {f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(values, PERCENTILES), strict=True)}
+
+
+@dataclass
+class ServeRecords:
+    """Per-request and per-iteration records of one serving run."""
+
+    requests: pd.DataFrame
+    iterations: pd.DataFrame
+    token_gaps_s: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, frame, columns in (("requests", self.requests, REQUEST_COLUMNS),
+                                     ("iterations", self.iterations, ITERATION_COLUMNS)):
+            missing = [c for c in columns if c not in frame.columns]
+            if missing:
+                raise ValueError(f"{name} records lack columns {missing}")
+        self.token_gaps_s = np.asarray(self.token_gaps_s, dtype=float)
+
+    @property
+    def completed(self) -> pd.DataFrame:
+        return self.requests[np.isfinite(self.requests["completion_s"].to_numpy(dtype=float))]
+
+    def summary(self, slo_ttft_s: float | None = None, slo_tbt_s: float | None = None) -> dict[str, Any]:
+        """The headline numbers: latency percentiles, throughput, goodput, energy and power.
+
+        Throughput counts output tokens of completed requests over the makespan (first arrival
+        to last completion). Goodput counts requests meeting both SLOs (TTFT, and the request's
+        worst token gap for TBT) per second of makespan; without SLOs it equals throughput in
+        requests. ``power_w.mean`` is energy over makespan (idle between iterations included
+        when the iteration records carry it).
+        """
+        done = self.completed
+        ttft = (done["first_token_s"] - done["arrival_s"]).to_numpy(dtype=float)
+        e2e = (done["completion_s"] - done["arrival_s"]).to_numpy(dtype=float)
+        tokens = float(done["output_tokens"].sum())
+        start = float(self.requests["arrival_s"].min()) if len(self.requests) else 0.0
+        end = float(done["completion_s"].max()) if len(done) else start
+        makespan = max(end - start, 1e-12)
+        good = np.ones(len(done), dtype=bool)
+        if slo_ttft_s is not None:
+            good &= ttft <= slo_ttft_s
+        if slo_tbt_s is not None and "tbt_max_s" in done.columns:
+            good &= done["tbt_max_s"].fillna(0.0).to_numpy(dtype=float) <= slo_tbt_s
+        energy = float(self.iterations_energy_j())
+        power = self.iterations["power_w"].to_numpy(dtype=float)
+        return {
+            "completed": int(len(done)),
+            "requests": int(len(self.requests)),
+            "throughput_tokens_per_s": tokens / makespan,
+            "throughput_requests_per_s": len(done) / makespan,
+            "ttft_s": percentiles(ttft),
+            "tbt_s": percentiles(self.token_gaps_s),
+            "e2e_s": percentiles(e2e),
+            "goodput_requests_per_s": float(good.sum()) / makespan,
+            "preemptions": int(self.requests["preemptions"].sum()),
+            "energy_j_per_token": energy / tokens if tokens else None,
+            "power_w": {"mean": energy / makespan, "peak": float(power.max()) if power.size else 0.0},
+            "makespan_s": makespan,
+        }
+
+    def iterations_energy_j(self) -> float:
+        it = self.iterations
+        if not len(it):
+            return 0.0
+        busy = float(((it["end_s"] - it["start_s"]) * it["power_w"]).sum())
+        return busy + float(self.meta.get("idle_energy_j", 0.0))
+
+    def write(self, path: str, kind: str = "requests") -> None:
+        """Write one table as CSV or Parquet (by the file's suffix)."""
+        frame = self.requests if kind == "requests" else self.iterations
+        if str(path).endswith(".parquet"):
+            frame.to_parquet(path, index=False)
+        else:
+            frame.to_csv(path, index=False)

@@ -1,0 +1,291 @@
+"""The cost of one serving iteration: a mixed batch of prefill chunks and decode tokens.
+
+A mixed batch is not one big prefill. Its ops split three ways:
+
+- **token ops** (projections, MLP or experts, norms, RoPE, KV-cache writes, residual adds,
+  embedding) see the iteration's ``T`` new tokens together: one op graph per ``T``, costed for
+  every ``T`` up to the largest iteration at once (the graph takes arrays), then looked up;
+- **attention** (and whatever reads the cache: dequantization, XQuant's recomputation) is per
+  request over its own context: a decode token attends to its context ``c``, a prefill chunk of
+  ``n`` tokens starting at ``s`` to ``s + n`` keys. Each request's FLOPs and bytes come from the
+  same graph (decode ones from a table over ``c``, prefill chunks from a cache by ``(n, s)``);
+  FlashAttention-style kernels take the whole batch in one launch (the op costed on the summed
+  FLOPs and bytes); eager attention (``attention="naive"``, the executor) launches per request;
+- **the head** (final norm, LM head, sampling) runs for the requests that emit a token.
+
+``time = token(T) + attention(requests) + head(emitting) + step_overhead``; energy likewise.
+Under a parallel plan the three parts' op costs go through the plan's step time (collectives,
+pipeline stages) as a single step would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from simulator.cost.roofline import OpCost, cost_op, cost_ops
+from simulator.errors import InferSimError
+from simulator.graph.ops import Op
+from simulator.graph.transformer import AttentionImpl, Precision, StepShape, build_step
+from simulator.specs.hardware import Device, System
+from simulator.specs.model import ModelSpec
+from simulator.strategies.parallel import LAST_STAGE_OPS, ParallelPlan
+from simulator.strategies.parallel import step_time as parallel_step_time
+
+ATTENTION_OPS = frozenset({"attention", "attention_scores", "attention_softmax", "attention_values",
+                           "kv_unpack", "kv_dequantize", "kv_recompute", "kv_recompute_rope",
+                           "kv_up_proj"})
+HEAD_OPS = LAST_STAGE_OPS
+_FIELDS = ("flops", "read_bytes", "write_bytes", "weight_bytes", "kv_read_bytes", "kv_write_bytes")
+
+
+def power_capped(device: Device, cap_w: float) -> Device:
+    """The device under a power cap (POLCA): the clock drops to the ratio ``s`` at which running
+    flat out draws the cap, ``s = ((cap - idle) / (max - idle))^(1/3)`` (dynamic power goes as
+    frequency times voltage squared, voltage with frequency); compute peaks scale by ``s``,
+    energy per FLOP by ``s^2``; memory bandwidth is unchanged, so memory-bound decode slows
+    little and compute-bound prefill by up to ``1/s``."""
+    power = device.power
+    if cap_w >= power.max:
+        return device
+    if cap_w <= power.idle:
+        raise InferSimError(f"power cap {cap_w:g} W is at or below {device.name}'s idle power "
+                            f"({power.idle:g} W); a cap must lie between idle and max ({power.max:g} W)")
+    s = ((cap_w - power.idle) / (power.max - power.idle)) ** (1.0 / 3.0)
+    new_power = power.model_copy(update={
+        "max": cap_w,
+        "energy_per_flop": None if power.energy_per_flop is None else power.energy_per_flop * s**2,
+        "compute_share": power.compute_share * s**3 if power.energy_per_flop is None else power.compute_share,
+    })
+    return device.model_copy(update={
+        "compute": {dtype: rate * s for dtype, rate in device.compute.items()},
+        "clock": None if device.clock is None else device.clock * s,
+        "power": new_power,
+    })
+
+
+@dataclass
+class _Table:
+    """One op's fields as arrays over a size (tokens, context or requests)."""
+
+    template: Op
+    values: dict[str, np.ndarray]
+    m: np.ndarray | None  # a GEMM's rows
+
+
+def _tables(ops: list[Op], names: frozenset[str], size: int) -> dict[str, _Table]:
+    out = {}
+    for op in ops:
+        if op.name not in names:
+            continue
+        values = {f: np.broadcast_to(np.asarray(getattr(op, f), dtype=float), (size,)) for f in _FIELDS}
+        m = None if op.shape is None else np.broadcast_to(np.asarray(op.shape[0], dtype=float), (size,))
+        out[op.name] = _Table(op, values, m)
+    return out
+
+
+class ReplicaCost:
+    """Iteration costs of one replica (a model on a system, with a precision and a plan).
+
+    ``max_tokens``: the most new tokens one iteration may carry; ``max_context``: the longest
+    context a request may reach. Both size the precomputed tables.
+    """
+
+    def __init__(self, model: ModelSpec, system: System, precision: Precision,
+                 attention: AttentionImpl = "flash", parallel: ParallelPlan | None = None,
+                 max_tokens: int = 8192, max_context: int = 8192, step_overhead_s: float = 0.0):
+        self.model, self.system, self.precision, self.attention = model, system, precision, attention
+        self.plan = parallel if parallel is not None and parallel.active else None
+        if self.plan is not None and self.plan.ep > 1:
+            raise InferSimError("the serving engine runs tensor and pipeline parallel replicas "
+                                "(--tp, --pp, and --dp for more replicas); expert parallelism is not "
+                                "modelled per iteration yet")
+        self.device_model = self.plan.device_model(model) if self.plan is not None else model
+        self.device = system.device
+        self.step_overhead_s = step_overhead_s
+        self.per_request = attention == "naive"
+        self.max_tokens, self.max_context = int(max_tokens), int(max_context)
+        # Token ops by the phase whose graph has them: most are the same in both (they see all
+        # the iteration's tokens); a few exist in one phase only (MLA's absorbed projections in
+        # decode) and see that phase's tokens.
+        prefill = self._costs_over_tokens(self.max_tokens, "prefill")
+        decode = self._costs_over_tokens(self.max_tokens, "decode")
+        self._token_costs = {"both": {k: c for k, c in prefill.items() if k in decode},
+                             "prefill": {k: c for k, c in prefill.items() if k not in decode},
+                             "decode": {k: c for k, c in decode.items() if k not in prefill}}
+        self._token_time = {k: _total(v, "total_s", self.max_tokens) for k, v in self._token_costs.items()}
+        self._token_energy = {k: _total(v, "total_energy_j", self.max_tokens)
+                              for k, v in self._token_costs.items()}
+        self._head_cache: dict[int, list[OpCost]] = {}
+        contexts = np.arange(1, self.max_context + 1, dtype=float)
+        decode_ops = self._build(StepShape("decode", 1, 1, contexts))
+        self._decode = _tables(decode_ops, ATTENTION_OPS, self.max_context)
+        self._attention_names = tuple(self._decode)
+        self._prefill_cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self._prefill_coef = self._fit_prefill()
+
+    # --- tables -------------------------------------------------------------------------
+
+    def _build(self, shape: StepShape) -> list[Op]:
+        return build_step(self.device_model, shape, self.precision, self.attention)
+
+    def _costs_over_tokens(self, max_tokens: int, phase: str) -> dict[str, OpCost]:
+        tokens = np.arange(1, max_tokens + 1, dtype=float)
+        shape = (StepShape("prefill", 1, tokens, tokens) if phase == "prefill"  # type: ignore[arg-type]
+                 else StepShape("decode", tokens, 1, 1.0))  # type: ignore[arg-type]
+        costs: dict[str, OpCost] = {}
+        for op in self._build(shape):
+            if op.name in ATTENTION_OPS or op.name in HEAD_OPS:
+                continue
+            name = op.name if op.name not in costs else f"{op.name}#{len(costs)}"
+            costs[name] = _broadcast(cost_op(op, self.device), max_tokens)
+        return costs
+
+    def _fit_prefill(self) -> dict[str, np.ndarray] | None:
+        """Coefficients giving each attention op's fields (and GEMM rows) as a linear function of
+        a prefill chunk's features (``_features``), fitted on sample chunks of the graph itself
+        and kept only if exact there; ``None`` (per-chunk graphs) otherwise."""
+        new, start = np.meshgrid([1, 2, 3, 7, 16, 61, 128, 300, 1000], [0, 1, 5, 17, 100, 999, 2500])
+        new, start = new.ravel().astype(float), start.ravel().astype(float)
+        ops = self._build(StepShape("prefill", 1, new, start + new))  # type: ignore[arg-type]
+        features = self._features(new, start)
+        coef = {}
+        for op in ops:
+            if op.name not in ATTENTION_OPS:
+                continue
+            rows = op.shape[0] if op.shape is not None else 0.0
+            columns = [getattr(op, f) for f in _FIELDS] + [rows]
+            values = np.stack([np.broadcast_to(np.asarray(c, dtype=float), new.shape) for c in columns], 1)
+            solution = np.linalg.lstsq(features, values, rcond=None)[0]
+            if not np.allclose(features @ solution, values, rtol=1e-9, atol=1e-6):
+                return None
+            coef[op.name] = solution
+        return coef
+
+    def _features(self, new: np.ndarray, start: np.ndarray) -> np.ndarray:
+        context = start + new
+        window = self.device_model.sliding_window
+        shape = StepShape("prefill", 1, new, context)  # type: ignore[arg-type]
+        keys = context if window is None else np.minimum(context, window + new - 1)
+        return np.stack([np.ones_like(new), new, context, keys,
+                         np.minimum(keys, self.precision.kv_residual),
+                         shape.attended_pairs(True, window), new * context], 1)
+
+    def _prefill_parts(self, new: np.ndarray, start: np.ndarray) -> dict[str, np.ndarray]:
+        """Each attention op's fields (rows: chunks; columns: ``_FIELDS`` and GEMM rows)."""
+        if self._prefill_coef is not None:
+            features = self._features(new.astype(float), start.astype(float))
+            return {name: features @ coef for name, coef in self._prefill_coef.items()}
+        out: dict[str, list[np.ndarray]] = {}
+        for n, s in zip(new.tolist(), start.tolist(), strict=True):
+            key = (n, s)
+            cached = self._prefill_cache.get(key)
+            if cached is None:
+                ops = self._build(StepShape("prefill", 1, n, float(s + n)))
+                cached = {op.name: np.array([float(getattr(op, f)) for f in _FIELDS]
+                                            + [float(op.shape[0]) if op.shape is not None else 0.0])
+                          for op in ops if op.name in ATTENTION_OPS}
+                self._prefill_cache[key] = cached
+            for name, row in cached.items():
+                out.setdefault(name, []).append(row)
+        return {name: np.array(rows) for name, rows in out.items()}
+
+    def _head(self, emitting: int) -> list[OpCost]:
+        costs = self._head_cache.get(emitting)
+        if costs is None:
+            ops = self._build(StepShape("decode", emitting, 1, 1.0))
+            costs = cost_ops([op for op in ops if op.name in HEAD_OPS], self.device)
+            self._head_cache[emitting] = costs
+        return costs
+
+    # --- one iteration ------------------------------------------------------------------
+
+    def iteration(self, prefill_new: np.ndarray, prefill_start: np.ndarray, decode_context: np.ndarray,
+                  emitting: int) -> tuple[float, float]:
+        """(seconds, joules) of one iteration: prefill chunks of ``prefill_new`` tokens starting at
+        ``prefill_start``, one token for each decode request at its ``decode_context`` (the keys
+        it attends, its own token included), and ``emitting`` requests sampling a token."""
+        decode_context = np.asarray(decode_context, dtype=np.int64)
+        tokens = int(np.sum(prefill_new)) + len(decode_context)
+        if tokens == 0:
+            return 0.0, 0.0
+        if tokens > self.max_tokens:
+            raise InferSimError(f"an iteration of {tokens} tokens exceeds the engine's table of "
+                                f"{self.max_tokens}; raise max_tokens (--max-batch-tokens)")
+        if len(decode_context) and decode_context.max() > self.max_context:
+            raise InferSimError(f"a context of {decode_context.max()} tokens exceeds the engine's "
+                                f"table of {self.max_context}")
+        attention = self._attention_costs(prefill_new, prefill_start, decode_context)
+        head = self._head(emitting) if emitting else []
+        counts = {"both": tokens, "prefill": tokens - len(decode_context), "decode": len(decode_context)}
+        if self.plan is None:
+            time_s, energy = self.step_overhead_s, 0.0
+            for part, count in counts.items():
+                if count:
+                    time_s += float(self._token_time[part][count - 1])
+                    energy += float(self._token_energy[part][count - 1])
+            for cost in attention:
+                time_s += float(np.sum(cost.time_s)) * cost.op.count
+                energy += float(np.sum(cost.energy_j)) * cost.op.count
+            for cost in head:
+                time_s += float(cost.total_s)
+                energy += float(cost.total_energy_j)
+            return time_s, energy + self.step_overhead_s * self.device.power.idle
+        costs = [_at(cost, count - 1) for part, count in counts.items() if count
+                 for cost in self._token_costs[part].values()]
+        costs += [_summed(cost) for cost in attention] + head
+        step = parallel_step_time(self.plan, self.system, self.model, tokens, self.precision.act_bytes,
+                                  costs, "prefill" if len(prefill_new) else "decode")
+        return (step.time_s + self.step_overhead_s,
+                step.energy_j + self.step_overhead_s * self.device.power.idle * self.plan.devices)
+
+    def _attention_costs(self, prefill_new: np.ndarray, prefill_start: np.ndarray,
+                         decode_context: np.ndarray) -> list[OpCost]:
+        costs = []
+        index = decode_context - 1
+        chunks = self._prefill_parts(prefill_new, prefill_start) if len(prefill_new) else {}
+        for name in self._attention_names:
+            table = self._decode[name]
+            parts = {f: table.values[f][index] for f in _FIELDS}
+            m = table.m[index] if table.m is not None else None
+            extra = chunks.get(name)
+            if extra is not None:
+                parts = {f: np.concatenate([parts[f], extra[:, i]]) for i, f in enumerate(_FIELDS)}
+                if m is not None:
+                    m = np.concatenate([m, extra[:, -1]])
+            if not self.per_request:
+                parts = {f: float(v.sum()) for f, v in parts.items()}
+                m = float(m.sum()) if m is not None else None
+            op = dataclasses.replace(table.template, **parts)
+            if m is not None and op.shape is not None:
+                op = dataclasses.replace(op, shape=(m, op.shape[1], op.shape[2]))
+            costs.append(cost_op(op, self.device))
+        return costs
+
+    def prefill_alone_s(self, prompt: int) -> float:
+        """One request's whole prompt as the only work of an iteration (a lower bound on TTFT)."""
+        return self.iteration(np.array([prompt]), np.array([0]), np.zeros(0, dtype=np.int64), 1)[0]
+
+
+def _broadcast(cost: OpCost, size: int) -> OpCost:
+    return dataclasses.replace(
+        cost, time_s=np.broadcast_to(np.asarray(cost.time_s, dtype=float), (size,)) * 1.0,
+        energy_j=np.broadcast_to(np.asarray(cost.energy_j, dtype=float), (size,)) * 1.0)
+
+
+def _total(costs: dict[str, OpCost], field: str, size: int) -> np.ndarray:
+    total = np.zeros(size)
+    for cost in costs.values():
+        total = total + getattr(cost, field)
+    return total
+
+
+def _at(cost: OpCost, index: int) -> OpCost:
+    assert isinstance(cost.time_s, np.ndarray) and isinstance(cost.energy_j, np.ndarray)
+    return dataclasses.replace(cost, time_s=float(cost.time_s[index]), energy_j=float(cost.energy_j[index]))
+
+
+def _summed(cost: OpCost) -> OpCost:
+    return dataclasses.replace(cost, time_s=float(np.sum(cost.time_s)), energy_j=float(np.sum(cost.energy_j)))

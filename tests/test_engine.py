@@ -1,0 +1,230 @@
+"""The serving engine: conservation, bounds, the single-request limit, policies, pools, power."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from simulator import estimate
+from simulator.cli import main
+from simulator.engine.scheduler import SchedulerConfig
+from simulator.engine.serve import serve
+from simulator.engine.stepcost import ReplicaCost, power_capped
+from simulator.engine.workload import Workload, read_trace, synthetic
+from simulator.errors import InferSimError
+from simulator.estimate import resolve_precision
+from simulator.specs.loader import load_model, load_system
+
+MODEL, GPU = "llama-2-7b", "a100-80gb-sxm"
+TRACE = "../shared/traces/azure-llm-inference-2023/splitwise_conv.csv"
+
+
+def _workload(n: int = 60, rate: float = 20.0, seed: int = 0, prompt: str = "uniform:16:600",
+              output: str = "uniform:1:120") -> Workload:
+    return synthetic(n, rate, prompt, output, seed=seed)
+
+
+def _check_conserved(records, workload: Workload, policy: str) -> None:
+    req = records.requests
+    assert req["completion_s"].notna().all()
+    assert len(req) == len(workload) and req["request_id"].is_unique
+    assert (req["first_token_s"] >= req["arrival_s"]).all()
+    assert (req["completion_s"] >= req["first_token_s"]).all()
+    it = records.iterations
+    assert (it["kv_blocks_used"] <= it["kv_blocks_total"]).all()
+    assert (it["end_s"] >= it["start_s"]).all()
+    if policy != "static" and req["preemptions"].sum() == 0:
+        assert it["decode_tokens"].sum() == int((workload.output_tokens - 1).sum())
+        assert it["prefill_tokens"].sum() == int(workload.prompt_tokens.sum())
+    # One gap per token after the first.
+    assert len(records.token_gaps_s) == int((workload.output_tokens - 1).sum())
+
+
+@pytest.mark.parametrize("policy", ["static", "continuous", "chunked", "decode-priority"])
+def test_every_request_served_once_with_its_tokens(policy):
+    workload = _workload()
+    records = serve(MODEL, GPU, workload, SchedulerConfig(policy=policy, max_batch=16, chunk_size=256))
+    _check_conserved(records, workload, policy)
+    # Iterations on one replica never overlap.
+    it = records.iterations.sort_values("start_s")
+    assert (it["start_s"].to_numpy()[1:] >= it["end_s"].to_numpy()[:-1] - 1e-12).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 40), rate=st.floats(0.5, 200), seed=st.integers(0, 100),
+       policy=st.sampled_from(["continuous", "chunked", "decode-priority"]),
+       fraction=st.floats(0.42, 0.9))
+def test_conservation_and_capacity_under_pressure(n, rate, seed, policy, fraction):
+    """Tight memory forces preemptions; still nothing lost, nothing twice, blocks within capacity."""
+    workload = _workload(n, rate, seed, prompt="uniform:16:2000", output="uniform:1:1500")
+    records = serve("llama-2-13b", GPU, workload, SchedulerConfig(policy=policy, chunk_size=512),
+                    memory_fraction=fraction)
+    _check_conserved(records, workload, policy)
+
+
+def test_ttft_at_least_the_prefill_alone():
+    workload = _workload(80, 50.0)
+    records = serve(MODEL, GPU, workload, SchedulerConfig(policy="chunked", chunk_size=256))
+    system = load_system(GPU)
+    cost = ReplicaCost(load_model(MODEL), system, resolve_precision(system.device, "bf16", None, "bf16", 128),
+                       max_tokens=8192, max_context=1024)
+    req = records.requests
+    alone = np.array([cost.prefill_alone_s(int(p)) for p in req["prompt_tokens"]])
+    assert ((req["first_token_s"] - req["arrival_s"]).to_numpy() >= alone * (1 - 1e-9)).all()
+
+
+@pytest.mark.parametrize("model,prompt,output", [("llama-2-7b", 512, 128), ("deepseek-v2-lite", 1000, 64),
+                                                 ("mistral-7b", 3000, 32)])
+def test_low_rate_matches_the_single_request_estimate(model, prompt, output):
+    """Requests far apart run alone: TTFT and TPOT equal estimate()'s at batch 1."""
+    hardware = "h100-sxm"
+    workload = synthetic(8, 0.01, prompt, output, seed=1)
+    records = serve(model, hardware, workload, memory_fraction=0.95)
+    single = estimate(model, hardware, batch=1, input_len=prompt, output_len=output)
+    ttft = (records.requests["first_token_s"] - records.requests["arrival_s"]).to_numpy()
+    assert np.allclose(ttft, single.ttft_s, rtol=0.02)
+    assert np.mean(records.token_gaps_s) == pytest.approx(single.tpot_s, rel=0.02)
+
+
+def test_throughput_within_the_step_model_maximum():
+    workload = _workload(200, 1000.0, prompt="64", output="64")
+    config = SchedulerConfig(max_batch=32)
+    records = serve(MODEL, GPU, workload, config)
+    system = load_system(GPU)
+    cost = ReplicaCost(load_model(MODEL), system, resolve_precision(system.device, "bf16", None, "bf16", 128),
+                       max_tokens=8192, max_context=256)
+    # The fastest possible token rate: a full decode batch at the shortest context.
+    best = 32 / cost.iteration(np.zeros(0, int), np.zeros(0, int), np.full(32, 2), 32)[0]
+    assert records.summary()["throughput_tokens_per_s"] <= best
+
+
+@settings(max_examples=8, deadline=None)
+@given(low=st.floats(120, 390), high=st.floats(120, 400))
+def test_higher_power_cap_never_slower(low, high):
+    low, high = min(low, high), max(low, high)
+    workload = _workload(30, 30.0, prompt="uniform:200:1500", output="uniform:8:64")
+    slow = serve(MODEL, GPU, workload, power_cap_w=low).summary()
+    fast = serve(MODEL, GPU, workload, power_cap_w=high).summary()
+    assert fast["makespan_s"] <= slow["makespan_s"] * (1 + 1e-9)
+    assert fast["e2e_s"]["p50"] <= slow["e2e_s"]["p50"] * (1 + 1e-9)
+    assert fast["power_w"]["peak"] <= high + 1e-6 or high >= 400
+
+
+def test_power_cap_slows_compute_not_bandwidth():
+    device = load_system(GPU).device
+    capped = power_capped(device, (device.power.idle + device.power.max) / 2)
+    assert capped.compute["bf16"] < device.compute["bf16"]
+    assert capped.main_memory.bandwidth == device.main_memory.bandwidth
+    with pytest.raises(InferSimError, match="idle"):
+        power_capped(device, device.power.idle / 2)
+
+
+def test_littles_law_on_the_records():
+    """Time-average of requests in the system (swept over arrival and completion events) equals
+    arrival rate times mean time in system."""
+    records = serve(MODEL, GPU, _workload(150, 15.0))
+    req = records.requests
+    events = np.concatenate([req["arrival_s"], req["completion_s"]])
+    steps = np.concatenate([np.ones(len(req)), -np.ones(len(req))])
+    order = np.argsort(events, kind="stable")
+    t, d = events[order], steps[order]
+    in_system = np.cumsum(d)[:-1]
+    span = t[-1] - t[0]
+    mean_in_system = float(np.sum(in_system * np.diff(t))) / span
+    rate = len(req) / span
+    mean_time = float((req["completion_s"] - req["arrival_s"]).mean())
+    assert mean_in_system == pytest.approx(rate * mean_time, rel=1e-9)
+
+
+def test_chunked_prefill_cuts_the_tbt_tail():
+    """Sarathi-Serve: long prompts arriving among decodes stall them under prefill priority."""
+    workload = _workload(120, 8.0, prompt="uniform:1000:3000", output="uniform:64:256")
+    cont = serve(MODEL, GPU, workload, SchedulerConfig(policy="continuous")).summary()
+    chunk = serve(MODEL, GPU, workload, SchedulerConfig(policy="chunked", chunk_size=512)).summary()
+    assert chunk["tbt_s"]["p99"] < cont["tbt_s"]["p99"]
+
+
+def test_chunked_budget_respected():
+    records = serve(MODEL, GPU, _workload(60, 40.0), SchedulerConfig(policy="chunked", chunk_size=300))
+    it = records.iterations
+    assert (it["prefill_tokens"] + it["decode_tokens"]).max() <= 300
+
+
+def test_prefix_caching_saves_prefill():
+    workload = synthetic(80, 20.0, "uniform:600:900", "32", seed=3, prefix_tokens=512, prefix_groups=2)
+    with_cache = serve(MODEL, GPU, workload)
+    without = serve(MODEL, GPU, workload, SchedulerConfig(prefix_caching=False))
+    assert with_cache.iterations["prefill_tokens"].sum() < without.iterations["prefill_tokens"].sum()
+    assert with_cache.summary()["ttft_s"]["p50"] < without.summary()["ttft_s"]["p50"]
+
+
+def test_swap_preemption_costs_link_time():
+    workload = _workload(40, 100.0, prompt="uniform:500:2000", output="uniform:200:1500")
+    records = serve("llama-2-13b", "workstation-4090", workload, SchedulerConfig(preemption="swap"),
+                    weight_dtype="int4", memory_fraction=0.9)
+    _check_conserved(records, workload, "continuous")
+    assert records.requests["preemptions"].sum() > 0
+
+
+def test_disaggregated_pools_and_link():
+    workload = _workload(60, 10.0)
+    fast = serve(MODEL, "dgx-a100", workload, prefill_hardware="dgx-a100", decode_hardware="dgx-a100",
+                 kv_link="100 GB/s")
+    slow = serve(MODEL, "dgx-a100", workload, prefill_hardware="dgx-a100", decode_hardware="dgx-a100",
+                 kv_link="0.5 GB/s")
+    req = fast.requests
+    assert set(req["pool"]) == {"decode"} | ({"prefill"} if (workload.output_tokens == 1).any() else set())
+    assert slow.summary()["e2e_s"]["p50"] > fast.summary()["e2e_s"]["p50"]
+    assert set(fast.iterations["pool"]) == {"prefill", "decode"}
+    # Prefill replicas never decode.
+    assert fast.iterations.loc[fast.iterations["pool"] == "prefill", "decode_tokens"].sum() == 0
+
+
+def test_replicas_share_the_load():
+    from simulator.strategies.parallel import ParallelPlan
+
+    workload = _workload(100, 40.0)
+    one = serve(MODEL, "dgx-a100", workload).summary()
+    four = serve(MODEL, "dgx-a100", workload, parallel=ParallelPlan(dp=4)).summary()
+    assert four["ttft_s"]["p90"] < one["ttft_s"]["p90"]
+    tp = serve(MODEL, "dgx-a100", workload, parallel=ParallelPlan(tp=2)).summary()
+    assert tp["completed"] == 100
+
+
+def test_trace_reading_and_determinism():
+    workload = read_trace(TRACE, max_requests=200)
+    assert len(workload) == 200 and workload.arrival_s[0] == 0.0
+    a = serve(MODEL, GPU, synthetic(50, 5.0, "lognormal:300:0.5", "uniform:1:50", seed=7)).summary()
+    b = serve(MODEL, GPU, synthetic(50, 5.0, "lognormal:300:0.5", "uniform:1:50", seed=7)).summary()
+    assert a["ttft_s"] == b["ttft_s"] and a["tbt_s"] == b["tbt_s"]
+
+
+def test_cli_serve_json_and_records(tmp_path, capsys):
+    out = tmp_path / "req.csv"
+    assert main(["serve", "--model", MODEL, "--hardware", GPU, "--rate", "5", "--requests", "20",
+                 "--input-len", "256", "--output-len", "32", "--json", "--records-out", str(out)]) == 0
+    import json
+
+    summary = json.loads(capsys.readouterr().out)
+    for key in ("completed", "throughput_tokens_per_s", "throughput_requests_per_s", "ttft_s", "tbt_s",
+                "e2e_s", "goodput_requests_per_s", "preemptions", "energy_j_per_token", "power_w",
+                "makespan_s", "sim_wall_s"):
+        assert key in summary
+    assert summary["completed"] == 20 and out.is_file()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rate", "0", "--requests", "3"], "rate must be positive"),
+    (["--rate", "1"], "--requests"),
+    (["--trace", "nope.csv"], "no such trace"),
+    (["--rate", "1", "--requests", "3", "--input-len", "lognormal:x"], "length distribution"),
+    (["--rate", "1", "--requests", "3", "--model", "llama-2-70b"], "KV cache holds"),
+    (["--rate", "1", "--requests", "3", "--input-len", "9000"], "max_position_embeddings"),
+    (["--rate", "1", "--requests", "3", "--power-cap", "10"], "idle power"),
+])
+def test_cli_serve_bad_input(argv, message, capsys):
+    assert main(["serve", "--hardware", GPU, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
