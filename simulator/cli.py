@@ -1,4 +1,5 @@
-"""The ``infersim`` command: estimate, plan, info, list, roofline, calibrate, execute, validate.
+"""The ``infersim`` command: estimate, plan, info, list, roofline, calibrate, execute,
+execute-serve, validate.
 
 Every user error (bad spec, unknown name, plan that does not fit) prints one
 line on stderr and exits with code 2; ``--json`` prints machine-readable
@@ -230,9 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "worker); dequantize only the KV dequantization kernels; refit fits the "
                           "recorded microbenchmarks again without measuring")
 
-    from validation.executor.cli import add_execute_parser
+    from validation.executor.cli import add_execute_parser, add_serve_parser
 
     add_execute_parser(sub)
+    add_serve_parser(sub)
+    from simulator.engine.cli import add_serve_parser as add_engine_serve_parser
+
+    add_engine_serve_parser(sub, _add_model_hardware)
 
     val = sub.add_parser("validate", help="predict measured executor runs and report the error")
     val.add_argument("--measurements", required=True, help="CSV written by python -m validation.measure")
@@ -402,6 +407,18 @@ def cmd_execute(args: argparse.Namespace) -> int:
     return run_execute(args)
 
 
+def cmd_execute_serve(args: argparse.Namespace) -> int:
+    from validation.executor.cli import cmd_execute_serve as run_serve
+
+    return run_serve(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from simulator.engine.cli import cmd_serve as run_serve
+
+    return run_serve(args)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -413,7 +430,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 COMMANDS = {"estimate": cmd_estimate, "run": cmd_run, "plan": cmd_plan, "info": cmd_info, "list": cmd_list,
             "roofline": cmd_roofline, "calibrate": cmd_calibrate, "execute": cmd_execute,
-            "validate": cmd_validate}
+            "execute-serve": cmd_execute_serve, "serve": cmd_serve, "validate": cmd_validate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,8 @@ once over a backend), ``numpy_backend`` / ``torch_backend`` (the ops),
 ``results`` (records and medians), ``machine`` (what it ran on), ``offload`` (layers on disk),
 ``kv`` (StreamingLLM and H2O eviction, KIVI quantization), ``experts`` (MoE experts on disk
 behind a cache), ``parallel`` (TP, EP and PP in worker processes over shared memory), ``speculative`` (a draft
-model's rounds verified by the target), ``cli``.
+model's rounds verified by the target), ``serve`` (a real serving loop: requests arriving on the
+wall clock, continuous or chunked batching over ragged steps), ``cli``.
 """
 
 from validation.executor.harness import execute, generate, make_backend, prompt_tokens

@@ -6,10 +6,20 @@
         [--offload-weights disk=F [--no-prefetch]] [--kv-policy window|streaming|h2o --kv-budget N
         [--kv-sinks S]] [--kv-dtype int8|int4|int2 [--kv-residual R]] [--expert-cache F]
 
-``simulator/cli.py`` wires it in with ``add_execute_parser(sub)`` and maps
-``"execute"`` to ``cmd_execute``. Bad input raises ``InferSimError``, which the
-CLI prints as one line with exit code 2. The backend is checked by the
-executor (not by argparse ``choices``) so the error is an ``InferSimError`` too.
+The ``infersim execute-serve`` subcommand: serve requests arriving on the wall clock with the
+executor's real serving loop (``validation.executor.serve``) and print the run's summary::
+
+    infersim execute-serve --model tiny-dense-58m [--rate QPS --requests N --input-len N|LO:HI
+        --output-len N|LO:HI | --trace FILE [--max-requests N --time-scale F --length-scale F
+        --max-input-len N --max-output-len N]] [--scheduler continuous|chunked] [--chunk-size N]
+        [--max-batch N] [--max-batch-tokens N] [--kv-capacity-tokens N] [--seed N] [--json]
+        [--records-out FILE.csv] [--iterations-out FILE.csv]
+
+``simulator/cli.py`` wires them in with ``add_execute_parser(sub)`` / ``add_serve_parser(sub)``
+and maps ``"execute"`` to ``cmd_execute``, ``"execute-serve"`` to ``cmd_execute_serve``. Bad
+input raises ``InferSimError``, which the CLI prints as one line with exit code 2. The backend
+(and the scheduler) are checked by the executor (not by argparse ``choices``) so the error is an
+``InferSimError`` too.
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 from typing import Any
+
+from simulator.errors import InferSimError
 
 DEFAULT_MODEL = "tiny-dense-58m"
 
@@ -112,6 +124,131 @@ def cmd_execute(args: argparse.Namespace) -> int:
     else:
         print_execution(report)
     return 0
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``execute-serve`` to an ``argparse`` subparsers object; returns the new parser."""
+    parser = subparsers.add_parser(
+        "execute-serve", help="serve requests with the reference executor in real time and measure it",
+        description="Serve requests arriving on the wall clock (a Poisson process or a trace) with "
+                    "continuous batching over the reference executor (random weights, greedy tokens) "
+                    "and report TTFT, TBT, end-to-end latency and throughput.",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"shipped model name, or a YAML/config.json path (default {DEFAULT_MODEL})")
+    poisson = parser.add_argument_group("Poisson workload (the default)")
+    poisson.add_argument("--rate", type=float, help="arrivals per second (default 2)")
+    poisson.add_argument("--requests", type=int, help="requests (default 20)")
+    poisson.add_argument("--input-len", help="prompt tokens: N, or LO:HI uniform (default 64)")
+    poisson.add_argument("--output-len", help="output tokens: N, or LO:HI uniform (default 16)")
+    trace = parser.add_argument_group("trace workload (arrived_at,num_prefill_tokens,num_decode_tokens)")
+    trace.add_argument("--trace", help="trace CSV, e.g. the Azure LLM inference trace's splitwise_conv.csv")
+    trace.add_argument("--max-requests", type=int, help="the trace's first N requests (default all)")
+    trace.add_argument("--time-scale", type=float, help="multiply the arrival times (default 1)")
+    trace.add_argument("--length-scale", type=float, help="multiply the token counts (default 1)")
+    trace.add_argument("--max-input-len", type=int, help="clip prompts to N tokens")
+    trace.add_argument("--max-output-len", type=int, help="clip outputs to N tokens")
+    sched = parser.add_argument_group("scheduler")
+    sched.add_argument("--scheduler", default="continuous",
+                       help="continuous (vLLM: whole prompts, prefill priority; default) or chunked "
+                            "(Sarathi: decodes first, prompt chunks fill --chunk-size)")
+    sched.add_argument("--chunk-size", type=int, default=256,
+                       help="chunked: tokens per iteration (default 256)")
+    sched.add_argument("--max-batch", type=int, default=32, help="running requests at most (default 32)")
+    sched.add_argument("--max-batch-tokens", type=int,
+                       help="prompt tokens per iteration (continuous; default max(2048, longest "
+                            "prompt)), or a cap on --chunk-size (chunked)")
+    sched.add_argument("--kv-capacity-tokens", type=int,
+                       help="KV tokens reserved at once (prompt + output per running request); "
+                            "default: every request, within half the free memory")
+    parser.add_argument("--backend", default="numpy", help="numpy (default) or torch")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N] (torch only)")
+    parser.add_argument("--dtype", default="float32", help="float32 (default); 16-bit types need torch")
+    parser.add_argument("--seed", type=int, default=0, help="weights, prompts and arrivals seed (default 0)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--records-out", help="write the per-request records here (CSV or .parquet)")
+    parser.add_argument("--iterations-out", help="write the per-iteration records here (CSV or .parquet)")
+    return parser
+
+
+POISSON_FLAGS = ("rate", "requests", "input_len", "output_len")
+TRACE_FLAGS = ("max_requests", "time_scale", "length_scale", "max_input_len", "max_output_len")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _length(text: str, flag: str) -> int | tuple[int, int]:
+    """``N`` or ``LO:HI``."""
+    try:
+        parts = [int(part) for part in text.split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise InferSimError(f"{flag} {text!r}: give a token count N or a uniform range LO:HI")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def serve_requests(args: argparse.Namespace) -> list[Any]:
+    """The workload the flags ask for: a trace, or a Poisson process."""
+    from validation.executor.serve import poisson_requests, trace_requests
+
+    if args.trace is not None:
+        given = [_flag(name) for name in POISSON_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise InferSimError(f"--trace gives the arrivals and lengths; drop {', '.join(given)}")
+        return trace_requests(args.trace, args.max_requests, args.time_scale or 1.0,
+                              args.length_scale or 1.0, args.max_input_len, args.max_output_len)
+    given = [_flag(name) for name in TRACE_FLAGS if getattr(args, name) is not None]
+    if given:
+        raise InferSimError(f"{', '.join(given)}: only with --trace FILE (these shape a trace workload)")
+    return poisson_requests(2.0 if args.rate is None else args.rate,
+                            20 if args.requests is None else args.requests,
+                            _length(args.input_len or "64", "--input-len"),
+                            _length(args.output_len or "16", "--output-len"), args.seed)
+
+
+def cmd_execute_serve(args: argparse.Namespace) -> int:
+    from validation.executor.serve import ServeConfig, serve
+
+    records = serve(args.model, serve_requests(args),
+                    ServeConfig(args.scheduler, args.max_batch, args.max_batch_tokens, args.chunk_size,
+                                args.kv_capacity_tokens),
+                    seed=args.seed, backend=args.backend, device=args.device, dtype=args.dtype)
+    for path, kind in ((args.records_out, "requests"), (args.iterations_out, "iterations")):
+        if path:
+            try:
+                records.write(path, kind)
+            except OSError as err:
+                raise InferSimError(f"cannot write {kind} records to {path}: {err.strerror}") from None
+    report = {**records.summary(), "wall_s": records.meta["wall_s"], "meta": records.meta}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_serve(report)
+    return 0
+
+
+def print_serve(report: dict[str, Any]) -> None:
+    """A rich table of the serving run's latency percentiles and throughput."""
+    from rich.console import Console
+    from rich.table import Table
+
+    meta = report["meta"]
+    table = Table(title=f"{meta['model']} on {meta['backend']}/{meta['device']}: {meta['scheduler']} "
+                        f"scheduler, {report['completed']} of {report['requests']} requests completed")
+    table.add_column("metric")
+    for p in ("p50", "p90", "p99"):
+        table.add_column(p, justify="right")
+    for name, key in (("TTFT", "ttft_s"), ("TBT", "tbt_s"), ("end to end", "e2e_s")):
+        table.add_row(name, *(_ms(report[key][p]) for p in ("p50", "p90", "p99")))
+    console = Console()
+    console.print(table)
+    console.print(f"throughput {report['throughput_tokens_per_s']:.1f} tok/s, "
+                  f"{report['throughput_requests_per_s']:.2f} req/s over a {report['makespan_s']:.2f} s "
+                  f"makespan (wall {report['wall_s']:.2f} s); KV capacity "
+                  f"{meta['kv_capacity_tokens']} tokens")
 
 
 def _ms(seconds: float | None) -> str:

@@ -14,6 +14,13 @@ One forward step over ``T`` new tokens of ``B`` sequences at positions
         x += sum_{e in topk(h W_r)} g_e FFN_e(h) + FFN_shared(h)   # MoE layer
     logits = norm(x[:, -1]) W_head
 
+A ragged step (``forward_ragged``, the serving loop's iteration) runs several requests at once,
+each with its own cache and its own count of new tokens (a prefill chunk, or one decode token):
+their tokens are concatenated for the token-wise work (embedding, norms, projections, MLP or
+MoE, residuals), so each GEMM sees the total token count, and attention runs per request
+against its own cache. The layer code is the same for both: a step is a list of segments
+(``Segment``: rows of the token matrix that attend to one cache; one for a uniform batch).
+
 Every numeric call goes through the profiler with the simulator's op name, so
 the executor's per-op times line up with ``simulator.graph.transformer``.
 """
@@ -22,8 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 
@@ -103,7 +111,20 @@ class Backend(Protocol):
     def zeros_like(self, x: Any) -> Any: ...
     def scatter_add_rows(self, out: Any, rows: Any, y: Any, gates: Any) -> None: ...
     def last_positions(self, x: Any, batch: int, count: int) -> Any: ...
+    def select_rows(self, x: Any, rows: np.ndarray) -> Any: ...
+    def concat_rows(self, parts: list[Any]) -> Any: ...
     def argmax(self, logits: Any) -> np.ndarray: ...
+
+
+class Segment(NamedTuple):
+    """Rows ``lo:hi`` of a step's token matrix: ``batch`` sequences of ``(hi - lo) / batch`` new
+    tokens each, at positions ``start ..``, attending to ``cache`` (``None``: to these tokens only)."""
+
+    lo: int
+    hi: int
+    batch: int
+    start: int
+    cache: KVCache | None
 
 
 def _convert(obj: Any, fn: Any) -> Any:
@@ -209,26 +230,51 @@ class Transformer:
         x = self.run_layers(x, batch, start, cache)
         return self.head(x, batch, last)
 
+    def forward_ragged(self, ids: Sequence[np.ndarray], starts: Sequence[int], caches: Sequence[KVCache],
+                       emit: Sequence[bool] | None = None) -> Any:
+        """One step over several requests, each with its own cache (batch 1): request ``r`` brings
+        the tokens ``ids[r]`` (1-D) at positions ``starts[r] ..``. Returns the logits ``[R, V]`` of
+        the last new position of each request with ``emit[r]`` (all by default), in request order,
+        or ``None`` when none emits (a step of unfinished prefill chunks only)."""
+        lengths = [len(tokens) for tokens in ids]
+        if not lengths or min(lengths) < 1 or not len(lengths) == len(starts) == len(caches):
+            raise ValueError("forward_ragged takes one start and one cache per request, each request "
+                             "with at least one new token")
+        bounds = np.cumsum([0, *lengths]).tolist()
+        segments = [Segment(bounds[r], bounds[r + 1], 1, starts[r], caches[r]) for r in range(len(lengths))]
+        positions = np.concatenate([np.arange(seg.start, seg.start + seg.hi - seg.lo) for seg in segments])
+        self._ensure_rope(max(seg.start + seg.hi - seg.lo for seg in segments))
+        x = self._embed(np.concatenate([np.ravel(tokens) for tokens in ids])[None, :], positions)
+        x = self._run_segments(x, segments)
+        rows = [seg.hi - 1 for r, seg in enumerate(segments) if emit is None or emit[r]]
+        return self._head_rows(self.ops.select_rows(x, np.asarray(rows))) if rows else None
+
     def embed(self, ids: np.ndarray, start: int) -> Any:
         """``x [B*T, h]`` of tokens ``ids [B, T]`` at positions ``start ..``; the first pipeline stage."""
+        return self._embed(ids, np.arange(start, start + ids.shape[1]))
+
+    def _embed(self, ids: np.ndarray, positions: np.ndarray) -> Any:
+        """``x [B*T, h]`` of ``ids [B, T]``, token ``t`` of every sequence at ``positions[t]``."""
         k, w = self.profiler, self.weights
         x = k("embedding", self.ops.embedding, w.embedding, ids)
         if w.position_embedding is not None:
-            positions = np.arange(start, start + ids.shape[1])
             x = k("position_embedding", self.ops.add_positions, x, w.position_embedding, positions,
                   ids.shape[0])
         return x
 
     def run_layers(self, x: Any, batch: int, start: int, cache: KVCache | None) -> Any:
         """Every layer this runtime holds over ``x`` (all of them, or a pipeline stage's)."""
-        k, w = self.profiler, self.weights
         if cache is None:
             self._ensure_rope(start + x.shape[0] // batch)
+        return self._run_segments(x, [Segment(0, x.shape[0], batch, start, cache)])
+
+    def _run_segments(self, x: Any, segments: list[Segment]) -> Any:
+        k, w = self.profiler, self.weights
         if self.disk is not None:
             self.disk.begin_step()
         for index in range(len(w.layers)):
             layer = w.layers[index] if self.disk is None else self.disk.layer(index)
-            self._attention(x, layer, index, batch, start, cache)
+            self._attention(x, layer, index, segments)
             h = k("post_attention_norm", self._norm, x, layer.post_attention_norm)
             if layer.moe is not None:
                 y = self._moe(h, layer.moe, index)
@@ -241,11 +287,13 @@ class Transformer:
     def head(self, x: Any, batch: int, last: int | None = None) -> Any:
         """Final norm and LM head of each sequence's last position (``[B, V]``), or of its last
         ``last`` positions (``[B, last, V]``); the last pipeline stage."""
-        k, w = self.profiler, self.weights
-        rows = self.ops.last_positions(x, batch, last or 1)
-        rows = k("final_norm", self._norm, rows, w.final_norm)
-        logits = k("lm_head", self.ops.linear, rows, w.lm_head, None)
+        logits = self._head_rows(self.ops.last_positions(x, batch, last or 1))
         return logits if last is None else logits.reshape(batch, last, -1)
+
+    def _head_rows(self, rows: Any) -> Any:
+        k, w = self.profiler, self.weights
+        rows = k("final_norm", self._norm, rows, w.final_norm)
+        return k("lm_head", self.ops.linear, rows, w.lm_head, None)
 
     def reduce(self, partial: Any) -> Any:
         """The sum of a row-parallel output over tensor-parallel shards: ``partial`` itself in one
@@ -257,11 +305,22 @@ class Transformer:
             return self.ops.layernorm(x, norm.weight, norm.bias, NORM_EPS)
         return self.ops.rmsnorm(x, norm.weight, NORM_EPS)
 
-    def _attention(self, x: Any, layer: LayerWeights, index: int, batch: int, start: int,
-                   cache: KVCache | None) -> None:
-        k, s, ops = self.profiler, self.spec, self.ops
+    def _attention(self, x: Any, layer: LayerWeights, index: int, segments: list[Segment]) -> None:
+        k, ops = self.profiler, self.ops
         h = k("input_norm", self._norm, x, layer.input_norm)
         qkv = k("qkv_proj", ops.linear, h, layer.qkv, layer.qkv_bias)
+        if len(segments) == 1:
+            out = self._attend(qkv, layer, index, segments[0])
+        else:
+            parts = [self._attend(qkv[seg.lo:seg.hi], layer, index, seg) for seg in segments]
+            out = k("attention", ops.concat_rows, parts)
+        attn = k("o_proj", ops.linear, out, layer.o, layer.o_bias)
+        k("residual_add", ops.add_, x, self.reduce(attn))
+
+    def _attend(self, qkv: Any, layer: LayerWeights, index: int, segment: Segment) -> Any:
+        """Attention output ``[rows, H*d]`` of one segment's rows of the fused QKV projection."""
+        k, s, ops = self.profiler, self.spec, self.ops
+        _, _, batch, start, cache = segment
         q, key, value = ops.split_heads(qkv, batch, s.num_attention_heads, s.kv_heads, s.head_size)
         tokens = key.shape[2]
         if layer.q_norm is not None:
@@ -285,8 +344,7 @@ class Transformer:
             else:
                 k_start = start
             out = k("attention", ops.attention, q, key, value, start, k_start, s.sliding_window)
-        attn = k("o_proj", ops.linear, out, layer.o, layer.o_bias)
-        k("residual_add", ops.add_, x, self.reduce(attn))
+        return out
 
     def _mlp(self, x: Any, mlp: MLPWeights, names: tuple[str, str, str]) -> Any:
         k, ops = self.profiler, self.ops

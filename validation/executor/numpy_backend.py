@@ -203,6 +203,14 @@ class NumpyBackend:
         """The rows of each sequence's last ``count`` positions, ``[B*count, h]``."""
         return x.reshape(batch, -1, x.shape[-1])[:, -count:].reshape(batch * count, -1)
 
+    def select_rows(self, x: Array, rows: np.ndarray) -> Array:
+        """``x[rows]``: a ragged step's last new position of each request that emits a token."""
+        return x[rows]
+
+    def concat_rows(self, parts: list[Array]) -> Array:
+        """The per-request attention outputs of a ragged step stacked back into one ``[N, H*d]``."""
+        return np.concatenate(parts, axis=0)
+
     def argmax(self, logits: Array) -> np.ndarray:
         return np.argmax(logits, axis=-1)
 

@@ -197,5 +197,11 @@ class TorchBackend:
     def last_positions(self, x: Any, batch: int, count: int) -> Any:
         return x.view(batch, -1, x.shape[-1])[:, -count:].reshape(batch * count, -1)
 
+    def select_rows(self, x: Any, rows: np.ndarray) -> Any:
+        return x.index_select(0, self._index(rows))
+
+    def concat_rows(self, parts: list[Any]) -> Any:
+        return self.torch.cat(parts, dim=0)
+
     def argmax(self, logits: Any) -> np.ndarray:
         return logits.argmax(dim=-1).cpu().numpy()
