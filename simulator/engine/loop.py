@@ -401,5 +401,6 @@ class Simulation:
         idle = sum(max(0.0, end - start - r.busy_s) * r.idle_power_w for r in self.replicas)
         gaps = np.concatenate(self.gaps) if self.gaps else np.zeros(0)
         meta = {"idle_energy_j": idle, "sim_wall_s": wall_s, "iterations": len(self.iterations),
-                "replicas": len(self.replicas)}
+                "replicas": len(self.replicas),
+                "replica_idle_w": {r.index: r.idle_power_w for r in self.replicas}}
         return ServeRecords(requests, iterations, gaps, meta)

@@ -82,7 +82,6 @@ class ServeRecords:
         if slo_tbt_s is not None and "tbt_max_s" in done.columns:
             good &= done["tbt_max_s"].fillna(0.0).to_numpy(dtype=float) <= slo_tbt_s
         energy = float(self.iterations_energy_j())
-        power = self.iterations["power_w"].to_numpy(dtype=float)
         return {
             "completed": int(len(done)),
             "requests": int(len(self.requests)),
@@ -94,9 +93,23 @@ class ServeRecords:
             "goodput_requests_per_s": float(good.sum()) / makespan,
             "preemptions": int(self.requests["preemptions"].sum()),
             "energy_j_per_token": energy / tokens if tokens else None,
-            "power_w": {"mean": energy / makespan, "peak": float(power.max()) if power.size else 0.0},
+            "power_w": {"mean": energy / makespan, "peak": self.peak_power_w()},
             "makespan_s": makespan,
         }
+
+    def peak_power_w(self) -> float:
+        """Highest total power over time: every replica at its iteration's power while it runs
+        and at its idle power (``meta["replica_idle_w"]``, by replica) between iterations."""
+        it = self.iterations
+        if not len(it):
+            return 0.0
+        idle = self.meta.get("replica_idle_w", {})
+        base = float(sum(idle.values()))
+        lift = it["power_w"].to_numpy(dtype=float) - np.array([idle.get(r, 0.0) for r in it["replica"]])
+        times = np.concatenate([it["start_s"].to_numpy(dtype=float), it["end_s"].to_numpy(dtype=float)])
+        steps = np.concatenate([lift, -lift])
+        order = np.lexsort((steps, times))  # at equal times, ends (negative) before starts
+        return base + float(np.max(np.cumsum(steps[order])))
 
     def iterations_energy_j(self) -> float:
         it = self.iterations
