@@ -419,6 +419,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+def cmd_capacity(args: argparse.Namespace) -> int:
+    from simulator.engine.cli import cmd_capacity as run_capacity
+
+    return run_capacity(args)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -430,7 +436,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 COMMANDS = {"estimate": cmd_estimate, "run": cmd_run, "plan": cmd_plan, "info": cmd_info, "list": cmd_list,
             "roofline": cmd_roofline, "calibrate": cmd_calibrate, "execute": cmd_execute,
-            "execute-serve": cmd_execute_serve, "serve": cmd_serve, "validate": cmd_validate}
+            "execute-serve": cmd_execute_serve, "serve": cmd_serve, "capacity": cmd_capacity,
+            "validate": cmd_validate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

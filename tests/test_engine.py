@@ -228,3 +228,34 @@ def test_cli_serve_bad_input(argv, message, capsys):
     assert main(["serve", "--hardware", GPU, *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_capacity_bisects_to_the_slo_edge():
+    from simulator.engine.capacity import attainment, capacity
+
+    def serve_at(rate):
+        return serve(MODEL, GPU, synthetic(120, rate, "uniform:200:1200", "uniform:16:128", seed=2),
+                     SchedulerConfig(policy="chunked"))
+
+    tight = capacity(serve_at, 0.3, 0.08, start=2.0, tolerance=0.1)
+    loose = capacity(serve_at, 2.0, 0.08, start=2.0, tolerance=0.1)
+    assert tight.rate > 0 and tight.attainment >= 0.9
+    assert loose.rate >= tight.rate
+    assert attainment(serve_at(tight.rate * 3), 0.3, 0.08) < 0.9
+    with pytest.raises(InferSimError, match="objective"):
+        capacity(serve_at, None, None)
+
+
+def test_trace_out_and_parquet(tmp_path):
+    import json
+
+    trace, parquet = tmp_path / "t.json", tmp_path / "it.parquet"
+    assert main(["serve", "--model", MODEL, "--hardware", "dgx-a100", "--dp", "2", "--rate", "8",
+                 "--requests", "30", "--trace-out", str(trace), "--iterations-out", str(parquet)]) == 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    slices = [e for e in events if e["ph"] == "X"]
+    assert {e["pid"] for e in slices} == {1, 2}  # two replicas, each its own track
+    assert sum(e["ph"] == "b" for e in events) == 30
+    import pandas as pd
+
+    assert len(pd.read_parquet(parquet)) == len(slices)

@@ -14,6 +14,17 @@ from simulator.errors import InferSimError
 def add_serve_parser(sub: Any, add_model_hardware: Any) -> None:
     p = sub.add_parser("serve", help="simulate serving a request trace or arrival process: TTFT/TBT "
                                      "percentiles, throughput, goodput, power")
+    _serve_flags(p, add_model_hardware)
+    c = sub.add_parser("capacity", help="highest arrival rate meeting TTFT/TBT objectives "
+                                        "(bisection over serve)")
+    _serve_flags(c, add_model_hardware)
+    c.add_argument("--attainment", type=float, default=0.9,
+                   help="fraction of requests that must meet the objectives (default 0.9)")
+    c.add_argument("--start-rate", type=float, default=1.0, help="first rate tried (default 1/s)")
+    c.add_argument("--tolerance", type=float, default=0.05, help="relative precision (default 0.05)")
+
+
+def _serve_flags(p: Any, add_model_hardware: Any) -> None:
     add_model_hardware(p)
     w = p.add_argument_group("workload (a trace, or arrivals at a rate)")
     w.add_argument("--trace", help="CSV with arrived_at, num_prefill_tokens, num_decode_tokens "
@@ -72,6 +83,7 @@ def add_serve_parser(sub: Any, add_model_hardware: Any) -> None:
     o.add_argument("--json", action="store_true")
     o.add_argument("--records-out", help="per-request records (.csv or .parquet)")
     o.add_argument("--iterations-out", help="per-iteration records (.csv or .parquet)")
+    o.add_argument("--trace-out", help="Chrome/Perfetto trace JSON (open in ui.perfetto.dev)")
 
 
 def workload_from_args(args: argparse.Namespace):
@@ -95,13 +107,11 @@ def workload_from_args(args: argparse.Namespace):
     return workload
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, workload: Any):
     from simulator.engine.scheduler import SchedulerConfig
     from simulator.engine.serve import serve
     from simulator.strategies.parallel import ParallelPlan
 
-    wall = time.perf_counter()
-    workload = workload_from_args(args)
     config = SchedulerConfig(policy=args.scheduler, max_batch=args.max_batch,
                              max_batch_tokens=args.max_batch_tokens, chunk_size=args.chunk_size,
                              block_size=args.block_size, preemption=args.preemption,
@@ -110,13 +120,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (args.tp, args.pp, args.dp, args.micro_batches, args.overlap) != (1, 1, 1, None, "none"):
         plan = ParallelPlan(tp=args.tp, pp=args.pp, dp=args.dp, micro_batches=args.micro_batches,
                             overlap=args.overlap)
-    records = serve(args.model, args.hardware, workload, config, weight_dtype=args.weight_dtype,
+    return serve(args.model, args.hardware, workload, config, weight_dtype=args.weight_dtype,
                     kv_dtype=args.kv_dtype, act_dtype=args.act_dtype, attention=args.attention,
                     parallel=plan, router=args.router, prefill_hardware=args.prefill_hardware,
                     decode_hardware=args.decode_hardware, prefill_replicas=args.prefill_replicas,
                     decode_replicas=args.decode_replicas, kv_link=args.kv_link,
                     power_cap_w=args.power_cap, memory_fraction=args.memory_fraction,
                     step_overhead_s=args.step_overhead)
+
+
+def cmd_capacity(args: argparse.Namespace) -> int:
+    from simulator.engine.capacity import capacity
+
+    if args.trace:
+        raise InferSimError("capacity draws arrivals at each rate it tries: give lengths with "
+                            "--input-len/--output-len (trace:PATH samples a trace's lengths), not --trace")
+    if args.requests is None and args.duration is None:
+        args.requests = 500
+
+    def serve_at(rate: float):
+        args.rate = rate
+        return _run(args, workload_from_args(args))
+
+    wall = time.perf_counter()
+    found = capacity(serve_at, args.slo_ttft, args.slo_tbt, args.attainment, args.start_rate, args.tolerance)
+    result = {**found.to_dict(), "sim_wall_s": time.perf_counter() - wall}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    from simulator.report.tables import console
+
+    for p in found.probes:
+        console.print(f"rate {p['rate']:.3g}/s: {p['attainment']:.1%} within the objectives")
+    console.print(f"[bold]capacity: {found.rate:.3g} requests/s[/bold] ({found.attainment:.1%} of requests "
+                  f"meet the objectives; target {found.target:.0%})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    wall = time.perf_counter()
+    workload = workload_from_args(args)
+    records = _run(args, workload)
     summary = records.summary(args.slo_ttft, args.slo_tbt)
     summary["sim_wall_s"] = time.perf_counter() - wall
     summary["iterations"] = records.meta["iterations"]
@@ -124,6 +168,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for path, kind in ((args.records_out, "requests"), (args.iterations_out, "iterations")):
         if path:
             records.write(path, kind)
+    if args.trace_out:
+        records.write_chrome_trace(args.trace_out)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

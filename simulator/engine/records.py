@@ -125,3 +125,36 @@ class ServeRecords:
             frame.to_parquet(path, index=False)
         else:
             frame.to_csv(path, index=False)
+
+    def write_chrome_trace(self, path: str) -> None:
+        """A Chrome/Perfetto trace (opens in ui.perfetto.dev): one process per replica with its
+        iterations as slices (composition, KV blocks and power in their args), and one async
+        track per request from arrival to completion with its first token as an instant."""
+        import json
+
+        events: list[dict[str, Any]] = []
+        it = self.iterations
+        for replica, pool in it[["replica", "pool"]].drop_duplicates().itertuples(index=False):
+            events.append({"ph": "M", "name": "process_name", "pid": int(replica) + 1,
+                           "args": {"name": f"replica {int(replica)} ({pool})"}})
+        for row in it.itertuples(index=False):
+            name = (f"prefill {row.prefill_tokens} + decode {row.decode_tokens}" if row.prefill_tokens
+                    else f"decode {row.decode_tokens}")
+            events.append({"ph": "X", "name": name, "pid": int(row.replica) + 1, "tid": 1,
+                           "ts": row.start_s * 1e6, "dur": (row.end_s - row.start_s) * 1e6,
+                           "args": {"prefill_requests": int(row.prefill_requests),
+                                    "decode_requests": int(row.decode_requests),
+                                    "kv_blocks_used": int(row.kv_blocks_used),
+                                    "power_w": float(row.power_w)}})
+        events.append({"ph": "M", "name": "process_name", "pid": 0, "args": {"name": "requests"}})
+        for row in self.completed.itertuples(index=False):
+            rid = int(row.request_id)
+            common = {"cat": "request", "name": f"request {rid}", "id": rid, "pid": 0, "tid": 0}
+            events.append({**common, "ph": "b", "ts": row.arrival_s * 1e6,
+                           "args": {"prompt_tokens": int(row.prompt_tokens),
+                                    "output_tokens": int(row.output_tokens),
+                                    "replica": int(row.replica), "preemptions": int(row.preemptions)}})
+            events.append({**common, "ph": "n", "name": "first token", "ts": row.first_token_s * 1e6})
+            events.append({**common, "ph": "e", "ts": row.completion_s * 1e6})
+        with open(path, "w") as out:
+            json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, out)
