@@ -259,3 +259,23 @@ def test_trace_out_and_parquet(tmp_path):
     import pandas as pd
 
     assert len(pd.read_parquet(parquet)) == len(slices)
+
+
+def test_speculative_decoding_in_the_engine():
+    from simulator.strategies.speculative import Speculation
+
+    workload = _workload(40, 4.0, prompt="uniform:100:800", output="uniform:2:200")
+    plain = serve("llama-2-13b", GPU, workload).summary()
+    results = {}
+    for alpha in (0.0, 0.7, 1.0):
+        records = serve("llama-2-13b", GPU, workload, speculative=Speculation("tiny-dense-58m", 4, alpha))
+        req = records.requests
+        assert req["completion_s"].notna().all()
+        # Exactly the tokens asked for: one gap per token after the first, never more.
+        assert len(records.token_gaps_s) == int((workload.output_tokens - 1).sum())
+        results[alpha] = records.summary()
+    assert results[0.0]["tbt_s"]["p50"] > plain["tbt_s"]["p50"]  # rejecting everything only costs
+    assert results[1.0]["e2e_s"]["p50"] < results[0.7]["e2e_s"]["p50"] < plain["e2e_s"]["p50"]
+    with pytest.raises(InferSimError, match="static"):
+        serve("llama-2-13b", GPU, workload, SchedulerConfig(policy="static"),
+              speculative=Speculation("tiny-dense-58m", 4, 0.5))

@@ -70,6 +70,12 @@ def _serve_flags(p: Any, add_model_hardware: Any) -> None:
     m.add_argument("--micro-batches", type=int)
     m.add_argument("--overlap", default="none")
     m.add_argument("--router", default="least-tokens", choices=("round-robin", "least-tokens"))
+    sp = p.add_argument_group("speculative decoding (the draft on the target's devices)")
+    sp.add_argument("--draft-model", help="draft model name or file, or 'self' with --draft-kv-budget")
+    sp.add_argument("--draft-kv-budget", type=int, metavar="TOKENS")
+    sp.add_argument("--spec-gamma", type=int, default=4, help="tokens drafted per round (default 4)")
+    sp.add_argument("--spec-alpha", type=float, default=0.8, help="acceptance rate per drafted token")
+    sp.add_argument("--spec-profile", metavar="A1,A2,...", help="acceptance per draft position")
     d = p.add_argument_group("prefill/decode disaggregation")
     d.add_argument("--prefill-hardware")
     d.add_argument("--decode-hardware")
@@ -116,6 +122,19 @@ def _run(args: argparse.Namespace, workload: Any):
                              max_batch_tokens=args.max_batch_tokens, chunk_size=args.chunk_size,
                              block_size=args.block_size, preemption=args.preemption,
                              prefix_caching=not args.no_prefix_caching)
+    speculative = None
+    if args.draft_model:
+        from simulator.strategies.speculative import Speculation
+
+        profile = None
+        if args.spec_profile:
+            try:
+                profile = tuple(float(a) for a in args.spec_profile.split(","))
+            except ValueError:
+                raise InferSimError(f"--spec-profile {args.spec_profile!r}: give comma-separated "
+                                    "acceptance rates, e.g. 0.9,0.8,0.7,0.6") from None
+        speculative = Speculation(args.draft_model, args.spec_gamma, args.spec_alpha, profile,
+                                  None, args.draft_kv_budget)
     plan = None
     if (args.tp, args.pp, args.dp, args.micro_batches, args.overlap) != (1, 1, 1, None, "none"):
         plan = ParallelPlan(tp=args.tp, pp=args.pp, dp=args.dp, micro_batches=args.micro_batches,
@@ -126,7 +145,7 @@ def _run(args: argparse.Namespace, workload: Any):
                     decode_hardware=args.decode_hardware, prefill_replicas=args.prefill_replicas,
                     decode_replicas=args.decode_replicas, kv_link=args.kv_link,
                     power_cap_w=args.power_cap, memory_fraction=args.memory_fraction,
-                    step_overhead_s=args.step_overhead)
+                    step_overhead_s=args.step_overhead, speculative=speculative, seed=args.seed)
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from simulator.engine.scheduler import Iteration, SchedulerConfig
 from simulator.engine.stepcost import ReplicaCost
 from simulator.engine.workload import Workload
 from simulator.errors import InferSimError
+from simulator.strategies.speculative import Speculation
 
 ROUTERS = ("round-robin", "least-tokens")
 _ARRIVAL, _DONE, _TRANSFER = 0, 1, 2
@@ -49,6 +50,7 @@ class Replica:
     kv_bytes_per_token: float
     idle_power_w: float
     swap_rate: float | None = None  # bytes/s to host memory, for swap preemption
+    draft: ReplicaCost | None = None  # speculative decoding: the draft model on the same devices
     running: list[int] = field(default_factory=list)
     waiting: deque = field(default_factory=deque)
     busy: bool = False
@@ -61,7 +63,7 @@ class Replica:
 class Simulation:
     def __init__(self, workload: Workload, replicas: list[Replica], config: SchedulerConfig,
                  router: str = "round-robin", kv_link_rate: float | None = None,
-                 kv_link_latency: float = 0.0):
+                 kv_link_latency: float = 0.0, speculation: Speculation | None = None, seed: int = 0):
         if router not in ROUTERS:
             raise InferSimError(f"router {router!r}: choose round-robin or least-tokens")
         self.w, self.replicas, self.config, self.router = workload, replicas, config, router
@@ -73,6 +75,12 @@ class Simulation:
         if bool(self.prefill_pool) != bool(self.decode_pool):
             raise InferSimError("disaggregation needs at least one prefill and one decode replica")
         self.kv_link_rate, self.kv_link_latency = kv_link_rate, kv_link_latency
+        self.spec = speculation
+        self.gamma = speculation.gamma if speculation is not None else 0
+        if speculation is not None and config.policy == "static":
+            raise InferSimError("speculative decoding runs under continuous, chunked or decode-priority "
+                                "scheduling, not static batches")
+        self.rng = np.random.default_rng(seed)
         n = len(workload)
         self.prompt = workload.prompt_tokens.astype(np.int64)
         self.output = workload.output_tokens.astype(np.int64)
@@ -166,7 +174,24 @@ class Simulation:
         contexts = self.cached[decoding] + 1
         finishing = prefill_start + prefill_new >= self.target[prefill_ids]
         emitting = len(step.decode) + int(np.count_nonzero(finishing))
-        seconds, energy = replica.cost.iteration(prefill_new, prefill_start, contexts, emitting)
+        if self.gamma and len(step.decode):
+            # Draft gamma tokens per decoding request (and the draft's own prefill of new prompt
+            # chunks), then verify gamma + 1 positions each on the target.
+            verify = self.gamma + 1
+            seconds, energy = replica.cost.iteration(prefill_new, prefill_start, contexts,
+                                                     emitting + len(step.decode) * self.gamma, verify)
+            assert replica.draft is not None
+            draft_s, draft_j = replica.draft.iteration(prefill_new, prefill_start, contexts, len(contexts))
+            extra_s, extra_j = replica.draft.iteration(np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                                       contexts, len(contexts))
+            seconds += draft_s + (self.gamma - 1) * extra_s
+            energy += draft_j + (self.gamma - 1) * extra_j
+        else:
+            seconds, energy = replica.cost.iteration(prefill_new, prefill_start, contexts, emitting)
+            if self.gamma and len(prefill_new):
+                assert replica.draft is not None
+                draft_s, draft_j = replica.draft.iteration(prefill_new, prefill_start, contexts, 0)
+                seconds, energy = seconds + draft_s, energy + draft_j
         if step.swap_bytes:
             seconds += step.swap_bytes / replica.swap_rate  # type: ignore[operator]
             energy += step.swap_bytes / replica.swap_rate * replica.idle_power_w  # type: ignore[operator]
@@ -223,13 +248,14 @@ class Simulation:
         if not len(running):
             return
         candidates = running[self.cached[running] >= self.target[running]]
-        if blocks.grow_all(candidates, self.cached[candidates] + 1, self.shared[candidates]):
+        ahead = self.gamma + 1
+        if blocks.grow_all(candidates, self.cached[candidates] + ahead, self.shared[candidates]):
             step.decode.extend(candidates.tolist())
             return
         for r in candidates.tolist():
             if r not in replica.running:  # preempted below
                 continue
-            need = int(self.cached[r]) + 1
+            need = int(self.cached[r]) + ahead
             while not blocks.can_grow(r, need, int(self.shared[r])):
                 victim = replica.running[-1]
                 self._preempt(replica, victim, step)
@@ -338,22 +364,29 @@ class Simulation:
             if self.cached[r] >= self.target[r]:
                 emitted.append(r)
         decoded = np.array(step.decode, dtype=np.int64)
-        self.cached[decoded] += 1
+        tokens = np.ones(len(decoded), dtype=np.int64)
+        if self.gamma and len(decoded):
+            tokens = np.minimum(self._accepted(len(decoded)) + 1,
+                                self.output[decoded] - self.generated[decoded])
+        self.cached[decoded] += tokens
         emitted_ids = np.concatenate([np.array(emitted, dtype=np.int64), decoded])
+        counts = np.concatenate([np.ones(len(emitted), dtype=np.int64), tokens])
         if len(emitted_ids):
             ids = emitted_ids
             first = np.isnan(self.first_token[ids])
             self.first_token[ids[first]] = now
             later = ids[~first]
             if len(later):
-                gaps = now - self.last_token[later]
-                self.gaps.append(gaps)
+                # Tokens verified together arrive together: each counts an equal share of the gap.
+                per = counts[~first]
+                gaps = (now - self.last_token[later]) / per
+                self.gaps.append(np.repeat(gaps, per))
                 np.maximum.at(self.tbt_max, later, gaps)
             self.last_token[ids] = now
-            self.generated[ids] += 1
+            self.generated[ids] += counts
             self.served_by[ids] = replica.index
             if replica.pool != "prefill":
-                replica.outstanding_tokens -= len(ids)
+                replica.outstanding_tokens -= int(counts.sum())
         if len(emitted_ids):
             for r in emitted_ids[self.generated[emitted_ids] >= self.output[emitted_ids]].tolist():
                 self._complete(replica, r, now)
@@ -362,6 +395,15 @@ class Simulation:
                     if self.generated[r] < self.output[r]:
                         self._hand_over(replica, r, now)
         replica.busy = False
+
+    def _accepted(self, count: int) -> np.ndarray:
+        """Drafted tokens the target accepts per request: each position is accepted with its
+        rate given that every earlier one was (a geometric draw for a flat rate)."""
+        spec = self.spec
+        assert spec is not None
+        rates = np.asarray(spec.profile if spec.profile is not None else [spec.alpha] * spec.gamma)
+        accepted = self.rng.random((count, spec.gamma)) < rates
+        return np.cumprod(accepted, axis=1).sum(axis=1)
 
     def _complete(self, replica: Replica, request: int, now: float) -> None:
         self.completion[request] = now

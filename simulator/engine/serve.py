@@ -34,6 +34,7 @@ from simulator.specs.loader import load_model, load_system
 from simulator.specs.model import ModelSpec
 from simulator.strategies.disaggregation import transfer_link
 from simulator.strategies.parallel import ParallelPlan, workers_on_host
+from simulator.strategies.speculative import Speculation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +71,7 @@ def replica_memory(model: ModelSpec, system: System, precision: Precision, plan:
 def _replica(index: int, pool: str, model: ModelSpec, system: System, precision: Precision,
              attention: AttentionImpl, plan: ParallelPlan | None, config: SchedulerConfig,
              max_context: int, memory_fraction: float, power_cap_w: float | None,
-             step_overhead_s: float, requests: int) -> Replica:
+             step_overhead_s: float, requests: int, speculation: Speculation | None = None) -> Replica:
     if power_cap_w is not None:
         system = system.model_copy(update={"device": power_capped(system.device, power_cap_w)})
     if plan is not None and plan.devices > 1 and system.num_devices == 1 and system.device.type == "cpu":
@@ -79,8 +80,27 @@ def _replica(index: int, pool: str, model: ModelSpec, system: System, precision:
         single = dataclasses.replace(plan, dp=1)
         single.check(model, system, 1)
         plan = single
-    max_tokens = config.max_batch_tokens
+    gamma = speculation.gamma if speculation is not None else 0
+    max_tokens = config.max_batch_tokens + config.max_batch * gamma
     memory = replica_memory(model, system, precision, plan, max_tokens, memory_fraction)
+    draft = None
+    if speculation is not None:
+        if speculation.draft_hardware is not None:
+            raise InferSimError("the serving engine runs the draft on the target's devices; drop "
+                                "--draft-hardware")
+        draft_spec = speculation.draft_model(model)
+        if draft_spec.vocab_size != model.vocab_size:
+            raise InferSimError(f"draft {draft_spec.name} has a vocabulary of {draft_spec.vocab_size}, "
+                                f"the target {model.vocab_size}: they must share a tokenizer")
+        draft = ReplicaCost(draft_spec, system, precision, attention, plan, max_tokens=max_tokens,
+                            max_context=max_context + gamma + 1)
+        if not speculation.self_draft:
+            memory = dataclasses.replace(
+                memory, weight_bytes=memory.weight_bytes + weight_bytes(draft_spec, precision),
+                kv_tokens=int(max(0.0, memory.kv_tokens * memory.kv_bytes_per_token
+                                  - weight_bytes(draft_spec, precision))
+                              // (memory.kv_bytes_per_token + kv_bytes_per_token(
+                                  draft_spec, precision.kv, precision.group_size))))
     blocks = memory.kv_tokens // config.block_size
     if blocks * config.block_size < max_context:
         raise DoesNotFitError(
@@ -91,14 +111,14 @@ def _replica(index: int, pool: str, model: ModelSpec, system: System, precision:
             memory.weight_bytes + memory.activation_bytes + max_context * memory.kv_bytes_per_token,
             memory.capacity_bytes)
     cost = ReplicaCost(model, system, precision, attention, plan, max_tokens=max_tokens,
-                       max_context=max_context, step_overhead_s=step_overhead_s)
+                       max_context=max_context + gamma + 1, step_overhead_s=step_overhead_s)
     devices = plan.devices if plan is not None else 1
     link = system.links.host_device
     return Replica(index=index, pool=pool, cost=cost,
                    blocks=BlockManager(blocks, config.block_size, requests),
                    devices=devices, kv_bytes_per_token=memory.kv_bytes_per_token,
                    idle_power_w=system.device.power.idle * devices,
-                   swap_rate=link.rate if link is not None else None)
+                   swap_rate=link.rate if link is not None else None, draft=draft)
 
 
 def serve(
@@ -120,6 +140,8 @@ def serve(
     power_cap_w: float | None = None,
     memory_fraction: float = 0.9,
     step_overhead_s: float = 0.0,
+    speculative: Speculation | None = None,
+    seed: int = 0,
 ) -> ServeRecords:
     """Simulate serving ``workload``; per-request and per-iteration records.
 
@@ -128,6 +150,8 @@ def serve(
     (``prefill_replicas`` and ``decode_replicas`` replicas, each of the plan) run on their
     own systems and each request's KV cache crosses ``kv_link`` (a link name of the prefill
     system or a bandwidth) from the prefill replica that computed it to a decode replica.
+    ``speculative``: every decode iteration drafts ``gamma`` tokens per request on the draft
+    model and verifies them on the target; the accepted count is drawn from ``seed``.
     """
     scheduler = scheduler or SchedulerConfig()
     spec = load_model(model)
@@ -151,7 +175,8 @@ def serve(
 
     def build(pool: str, target: System, count: int, first: int) -> list[Replica]:
         return [_replica(first + i, pool, spec, target, precision, attention, plan, scheduler,
-                         max_context, memory_fraction, power_cap_w, step_overhead_s, len(workload))
+                         max_context, memory_fraction, power_cap_w, step_overhead_s, len(workload),
+                         speculative)
                 for i in range(count)]
 
     if prefill_hardware is None and decode_hardware is None:
@@ -159,7 +184,7 @@ def serve(
             raise InferSimError("--kv-link names the link between prefill and decode pools; it needs "
                                 "--prefill-hardware or --decode-hardware")
         replicas = build("mixed", system, plan.dp if plan is not None else 1, 0)
-        return Simulation(workload, replicas, scheduler, router).run()
+        return Simulation(workload, replicas, scheduler, router, speculation=speculative, seed=seed).run()
     pre = load_system(prefill_hardware or system)
     dec = load_system(decode_hardware or system)
     for name, count in (("prefill replicas", prefill_replicas), ("decode replicas", decode_replicas)):
@@ -169,4 +194,4 @@ def serve(
     replicas = build("prefill", pre, prefill_replicas, 0) + build("decode", dec, decode_replicas,
                                                                   prefill_replicas)
     return Simulation(workload, replicas, scheduler, router, kv_link_rate=link.rate,
-                      kv_link_latency=link.latency).run()
+                      kv_link_latency=link.latency, speculation=speculative, seed=seed).run()

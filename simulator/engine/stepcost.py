@@ -203,11 +203,19 @@ class ReplicaCost:
     # --- one iteration ------------------------------------------------------------------
 
     def iteration(self, prefill_new: np.ndarray, prefill_start: np.ndarray, decode_context: np.ndarray,
-                  emitting: int) -> tuple[float, float]:
+                  emitting: int, verify: int = 0) -> tuple[float, float]:
         """(seconds, joules) of one iteration: prefill chunks of ``prefill_new`` tokens starting at
         ``prefill_start``, one token for each decode request at its ``decode_context`` (the keys
-        it attends, its own token included), and ``emitting`` requests sampling a token."""
+        it attends, its own token included), and ``emitting`` positions sampling a token.
+
+        ``verify > 0``: speculative verification; each decode request runs ``verify`` positions
+        (its last token and the drafted ones) as a chunk starting at ``decode_context - 1``."""
         decode_context = np.asarray(decode_context, dtype=np.int64)
+        if verify and len(decode_context):
+            prefill_new = np.concatenate([np.asarray(prefill_new, dtype=np.int64),
+                                          np.full(len(decode_context), verify, dtype=np.int64)])
+            prefill_start = np.concatenate([np.asarray(prefill_start, dtype=np.int64), decode_context - 1])
+            decode_context = np.zeros(0, dtype=np.int64)
         tokens = int(np.sum(prefill_new)) + len(decode_context)
         if tokens == 0:
             return 0.0, 0.0
