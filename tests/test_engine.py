@@ -279,3 +279,18 @@ def test_speculative_decoding_in_the_engine():
     with pytest.raises(InferSimError, match="static"):
         serve("llama-2-13b", GPU, workload, SchedulerConfig(policy="static"),
               speculative=Speculation("tiny-dense-58m", 4, 0.5))
+
+
+def test_power_budget_fits_more_capped_servers(capsys):
+    import json
+
+    from simulator.engine.power import servers_under_budget
+
+    out = servers_under_budget(10_000, 8, 700, 400, observed_peak_w=2500)
+    assert out["servers_at_nameplate"] == 1 and out["servers_capped"] == 3
+    assert out["servers_at_observed_peak"] == 4
+    assert main(["serve", "--model", MODEL, "--hardware", "dgx-a100", "--tp", "8", "--rate", "4",
+                 "--requests", "40", "--power-cap", "300", "--power-budget", "50000", "--json"]) == 0
+    budget = json.loads(capsys.readouterr().out)["power_budget"]
+    assert budget["servers_capped"] >= budget["servers_at_nameplate"]
+    assert budget["server_observed_peak_w"] <= budget["server_capped_w"] + 1e-6

@@ -86,6 +86,10 @@ def _serve_flags(p: Any, add_model_hardware: Any) -> None:
     o.add_argument("--slo-ttft", type=float, help="TTFT objective in seconds (goodput)")
     o.add_argument("--slo-tbt", type=float, help="worst token gap objective in seconds (goodput)")
     o.add_argument("--power-cap", type=float, help="per-device power cap in watts (lowers the clock)")
+    o.add_argument("--power-budget", type=float,
+                   help="provisioned watts for a cluster: how many such servers fit (POLCA)")
+    o.add_argument("--server-overhead", type=float, default=0.0,
+                   help="watts of a server beyond its accelerators (for --power-budget)")
     o.add_argument("--json", action="store_true")
     o.add_argument("--records-out", help="per-request records (.csv or .parquet)")
     o.add_argument("--iterations-out", help="per-iteration records (.csv or .parquet)")
@@ -184,6 +188,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     summary["sim_wall_s"] = time.perf_counter() - wall
     summary["iterations"] = records.meta["iterations"]
     summary["workload"] = workload.describe()
+    if args.power_budget is not None:
+        from simulator.engine.power import servers_under_budget
+        from simulator.specs.loader import load_system
+
+        device = load_system(args.hardware).device
+        replicas = max(1, int(records.meta["replicas"]))
+        summary["power_budget"] = servers_under_budget(
+            args.power_budget, records.meta.get("devices_per_replica", 1), device.power.max, args.power_cap,
+            summary["power_w"]["peak"] / replicas, args.server_overhead)
     for path, kind in ((args.records_out, "requests"), (args.iterations_out, "iterations")):
         if path:
             records.write(path, kind)

@@ -444,5 +444,6 @@ class Simulation:
         gaps = np.concatenate(self.gaps) if self.gaps else np.zeros(0)
         meta = {"idle_energy_j": idle, "sim_wall_s": wall_s, "iterations": len(self.iterations),
                 "replicas": len(self.replicas),
-                "replica_idle_w": {r.index: r.idle_power_w for r in self.replicas}}
+                "replica_idle_w": {r.index: r.idle_power_w for r in self.replicas},
+                "devices_per_replica": self.replicas[0].devices}
         return ServeRecords(requests, iterations, gaps, meta)
