@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -71,8 +72,8 @@ class _Table:
     """One op's fields as arrays over a size (tokens, context or requests)."""
 
     template: Op
-    values: dict[str, np.ndarray]
-    m: np.ndarray | None  # a GEMM's rows
+    rows: np.ndarray
+    """One row per size: the ``_FIELDS`` and the GEMM's rows (0 for other ops)."""
 
 
 def _tables(ops: list[Op], names: frozenset[str], size: int) -> dict[str, _Table]:
@@ -80,10 +81,19 @@ def _tables(ops: list[Op], names: frozenset[str], size: int) -> dict[str, _Table
     for op in ops:
         if op.name not in names:
             continue
-        values = {f: np.broadcast_to(np.asarray(getattr(op, f), dtype=float), (size,)) for f in _FIELDS}
-        m = None if op.shape is None else np.broadcast_to(np.asarray(op.shape[0], dtype=float), (size,))
-        out[op.name] = _Table(op, values, m)
+        columns = [getattr(op, f) for f in _FIELDS] + [op.shape[0] if op.shape is not None else 0.0]
+        rows = np.stack([np.broadcast_to(np.asarray(c, dtype=float), (size,)) for c in columns], 1)
+        out[op.name] = _Table(op, np.ascontiguousarray(rows))
     return out
+
+
+def _op_from(template: Op, values: Any) -> Op:
+    """``template`` with its fields (and a GEMM's rows) replaced by ``values`` (in ``_FIELDS``
+    order, rows last): scalars for one launch, arrays for one launch per request."""
+    changes = dict(zip(_FIELDS, values[:-1], strict=True))
+    if template.shape is not None:
+        changes["shape"] = (values[-1], template.shape[1], template.shape[2])
+    return dataclasses.replace(template, **changes)
 
 
 class ReplicaCost:
@@ -251,25 +261,40 @@ class ReplicaCost:
 
     def _attention_costs(self, prefill_new: np.ndarray, prefill_start: np.ndarray,
                          decode_context: np.ndarray) -> list[OpCost]:
+        if not self.per_request:
+            return self._batched_attention(prefill_new, prefill_start, decode_context)
         costs = []
         index = decode_context - 1
         chunks = self._prefill_parts(prefill_new, prefill_start) if len(prefill_new) else {}
         for name in self._attention_names:
             table = self._decode[name]
-            parts = {f: table.values[f][index] for f in _FIELDS}
-            m = table.m[index] if table.m is not None else None
+            rows = table.rows[index]
             extra = chunks.get(name)
             if extra is not None:
-                parts = {f: np.concatenate([parts[f], extra[:, i]]) for i, f in enumerate(_FIELDS)}
-                if m is not None:
-                    m = np.concatenate([m, extra[:, -1]])
-            if not self.per_request:
-                parts = {f: float(v.sum()) for f, v in parts.items()}
-                m = float(m.sum()) if m is not None else None
-            op = dataclasses.replace(table.template, **parts)
-            if m is not None and op.shape is not None:
-                op = dataclasses.replace(op, shape=(m, op.shape[1], op.shape[2]))
-            costs.append(cost_op(op, self.device))
+                rows = np.concatenate([rows, extra])
+            costs.append(cost_op(_op_from(table.template, rows.T), self.device))
+        return costs
+
+    def _batched_attention(self, prefill_new: np.ndarray, prefill_start: np.ndarray,
+                           decode_context: np.ndarray) -> list[OpCost]:
+        """One launch for the batch: each op's fields summed over the requests. The prefill map
+        is linear, so the chunks' features are summed before it is applied."""
+        index = decode_context - 1
+        summed_features = None
+        if len(prefill_new) and self._prefill_coef is not None:
+            features = self._features(prefill_new.astype(float), prefill_start.astype(float))
+            summed_features = features.sum(axis=0)
+        chunks = ({} if summed_features is not None or not len(prefill_new)
+                  else self._prefill_parts(prefill_new, prefill_start))
+        costs = []
+        for name in self._attention_names:
+            table = self._decode[name]
+            total = table.rows[index].sum(axis=0) if len(index) else np.zeros(len(_FIELDS) + 1)
+            if summed_features is not None and name in self._prefill_coef:  # type: ignore[operator]
+                total = total + summed_features @ self._prefill_coef[name]  # type: ignore[index]
+            elif name in chunks:
+                total = total + chunks[name].sum(axis=0)
+            costs.append(cost_op(_op_from(table.template, [float(v) for v in total]), self.device))
         return costs
 
     def prefill_alone_s(self, prompt: int) -> float:
