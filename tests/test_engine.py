@@ -121,6 +121,25 @@ def test_power_cap_slows_compute_not_bandwidth():
         power_capped(device, device.power.idle / 2)
 
 
+@pytest.mark.parametrize("explicit", [False, True])
+def test_power_cap_scales_energy_per_flop_by_the_clock_squared(explicit):
+    """Dynamic power ~ f V^2 with V ~ f: at clock ratio s a FLOP costs s^2 of its energy, whether
+    the spec gives the energy or it is derived from the dynamic range (once scaled s^5)."""
+    from simulator.cost.roofline import op_power_w
+
+    device = load_system(GPU).device
+    if explicit:
+        device = device.model_copy(update={"power": device.power.model_copy(
+            update={"energy_per_flop": 0.5e-12})})
+    capped = power_capped(device, 250.0)
+    s = capped.compute["bf16"] / device.compute["bf16"]
+
+    def joules_per_flop(d):
+        return (op_power_w(d, 1e12, 0.0, d.compute["bf16"], 1.0) - d.power.idle) / 1e12
+
+    assert joules_per_flop(capped) / joules_per_flop(device) == pytest.approx(s**2)
+
+
 def test_littles_law_on_the_records():
     """Time-average of requests in the system (swept over arrival and completion events) equals
     arrival rate times mean time in system."""
@@ -204,7 +223,8 @@ def test_trace_reading_and_determinism():
 def test_cli_serve_json_and_records(tmp_path, capsys):
     out = tmp_path / "req.csv"
     assert main(["serve", "--model", MODEL, "--hardware", GPU, "--rate", "5", "--requests", "20",
-                 "--input-len", "256", "--output-len", "32", "--json", "--records-out", str(out)]) == 0
+                 "--input-len", "256", "--output-len", "32", "--json", "--records-out", str(out),
+                 "--plots", str(tmp_path / "plots")]) == 0
     import json
 
     summary = json.loads(capsys.readouterr().out)
@@ -213,6 +233,7 @@ def test_cli_serve_json_and_records(tmp_path, capsys):
                 "makespan_s", "sim_wall_s"):
         assert key in summary
     assert summary["completed"] == 20 and out.is_file()
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["latency_cdf.png", "timeline.png"]
 
 
 @pytest.mark.parametrize("argv,message", [

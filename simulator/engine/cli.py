@@ -94,6 +94,7 @@ def _serve_flags(p: Any, add_model_hardware: Any) -> None:
     o.add_argument("--records-out", help="per-request records (.csv or .parquet)")
     o.add_argument("--iterations-out", help="per-iteration records (.csv or .parquet)")
     o.add_argument("--trace-out", help="Chrome/Perfetto trace JSON (open in ui.perfetto.dev)")
+    o.add_argument("--plots", metavar="DIR", help="write latency CDFs and batch/KV/power timelines here")
 
 
 def workload_from_args(args: argparse.Namespace):
@@ -202,6 +203,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             records.write(path, kind)
     if args.trace_out:
         records.write_chrome_trace(args.trace_out)
+    if args.plots:
+        from simulator.report.serve_plots import plot_serving
+
+        written = plot_serving(records, args.plots, f"{args.model} on {args.hardware}")
+        summary["plots"] = [str(p) for p in written]
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

@@ -55,10 +55,11 @@ def power_capped(device: Device, cap_w: float) -> Device:
         raise InferSimError(f"power cap {cap_w:g} W is at or below {device.name}'s idle power "
                             f"({power.idle:g} W); a cap must lie between idle and max ({power.max:g} W)")
     s = ((cap_w - power.idle) / (power.max - power.idle)) ** (1.0 / 3.0)
+    # A derived energy per FLOP, compute_share * (max - idle) / peak, already scales by
+    # s^3 / s = s^2 through the lowered max and peak; only an explicit one needs scaling.
     new_power = power.model_copy(update={
         "max": cap_w,
         "energy_per_flop": None if power.energy_per_flop is None else power.energy_per_flop * s**2,
-        "compute_share": power.compute_share * s**3 if power.energy_per_flop is None else power.compute_share,
     })
     return device.model_copy(update={
         "compute": {dtype: rate * s for dtype, rate in device.compute.items()},
