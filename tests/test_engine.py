@@ -315,3 +315,41 @@ def test_power_budget_fits_more_capped_servers(capsys):
     budget = json.loads(capsys.readouterr().out)["power_budget"]
     assert budget["servers_capped"] >= budget["servers_at_nameplate"]
     assert budget["server_observed_peak_w"] <= budget["server_capped_w"] + 1e-6
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"parallel": "dp3-rr-chunked"},
+    {"memory_fraction": 0.45, "model": "llama-2-13b"},
+    {"disaggregated": True},
+])
+def test_decode_runs_match_stepping_one_iteration_at_a_time(kwargs):
+    """Costing decode-only stretches as one array (cut short by arrivals) changes nothing."""
+    from simulator.strategies.parallel import ParallelPlan
+
+    kwargs = dict(kwargs)
+    model = kwargs.pop("model", MODEL)
+    workload = _workload(150, 12.0, prompt="uniform:16:1500", output="uniform:1:400")
+    options: dict = {}
+    if kwargs.pop("parallel", None):
+        options = {"parallel": ParallelPlan(dp=3), "router": "round-robin",
+                   "scheduler": SchedulerConfig(policy="chunked")}
+        hardware = "dgx-a100"
+    elif kwargs.pop("disaggregated", False):
+        options = {"prefill_hardware": "dgx-a100", "decode_hardware": "dgx-a100", "kv_link": "5 GB/s",
+                   "decode_replicas": 2}
+        hardware = "dgx-a100"
+    else:
+        hardware = GPU
+    options.update(kwargs)
+    fast = serve(model, hardware, workload, **options)
+    slow = serve(model, hardware, workload, fast_forward=False, **options)
+    a, b = fast.requests.sort_values("request_id"), slow.requests.sort_values("request_id")
+    for column in ("first_token_s", "completion_s", "energy_j", "tbt_max_s", "preemptions"):
+        assert np.allclose(a[column], b[column], rtol=1e-9, atol=1e-12), column
+    assert np.allclose(np.sort(fast.token_gaps_s), np.sort(slow.token_gaps_s), rtol=1e-9, atol=1e-12)
+    order = ["replica", "start_s"]
+    fi, si = fast.iterations.sort_values(order), slow.iterations.sort_values(order)
+    for column in ("start_s", "end_s", "decode_tokens", "prefill_tokens", "kv_blocks_used", "power_w"):
+        got, want = fi[column].to_numpy(dtype=float), si[column].to_numpy(dtype=float)
+        assert np.allclose(got, want, rtol=1e-9), column

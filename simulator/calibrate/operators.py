@@ -44,13 +44,14 @@ FIT_MARKER = "# --- fitted: written by `python -m simulator.calibrate.operators`
 
 # --- devices ------------------------------------------------------------------------------
 
-def device_params(kinds: tuple[str, ...] = KERNEL_KINDS,
-                  max_bandwidth: float | dict[str, float] = 1.0) -> list[tuple[str, float, float, float]]:
+def device_params(kinds: tuple[str, ...] = KERNEL_KINDS, max_bandwidth: float | dict[str, float] = 1.0,
+                  call_overhead: bool = False) -> list[tuple[str, float, float, float]]:
     """(name, lower, upper, initial) of every fitted device parameter, in the optimiser's coordinates.
 
     ``max_bandwidth`` bounds each kind's bandwidth as a multiple of main memory's (one bound, or
     one per kind, 1 for kinds not named): 1 on a GPU (HBM feeds every kernel); on a CPU whose
     main-memory rate is one core's stream, up to the cores for kernels that stream on all of them.
+    ``call_overhead`` adds the fixed cost of a GEMM call (``gemm.call_overhead``; fitted on GPUs).
     """
     caps = max_bandwidth if isinstance(max_bandwidth, dict) else {}
     default = 1.0 if isinstance(max_bandwidth, dict) else max_bandwidth
@@ -59,26 +60,29 @@ def device_params(kinds: tuple[str, ...] = KERNEL_KINDS,
         ("gemm_efficiency", 0.3, 1.0, 0.8),
         ("log10_operand_bandwidth", 10.0, 14.5, 13.0),
         ("log10_tile_overhead_s", -8.0, -4.5, -6.5),
+        *([("log10_gemm_call_overhead_s", -7.0, -4.0, -5.5)] if call_overhead else []),
         *[(f"{kind}_bandwidth", 0.02, caps.get(kind, default), 0.8) for kind in kinds],
         *[(f"log10_{kind}_half_bytes", 2.0, 9.0, 6.0) for kind in kinds],
         *[(f"log10_{kind}_floor_s", -7.0, -3.0, -5.5) for kind in kinds],
     ]
 
 
-DEVICE_PARAMS = device_params()
+DEVICE_PARAMS = device_params(call_overhead=True)
 
 
 def device_with(base: Device, x: np.ndarray, provenance: str, fit: dict | None = None,
-                kinds: tuple[str, ...] = KERNEL_KINDS) -> Device:
-    names = [p[0] for p in device_params(kinds)]  # the names do not depend on the bounds
+                kinds: tuple[str, ...] = KERNEL_KINDS, call_overhead: bool = False) -> Device:
+    # The names do not depend on the bounds.
+    names = [p[0] for p in device_params(kinds, call_overhead=call_overhead)]
     values = dict(zip(names, map(float, x), strict=True))
+    call = 10 ** values["log10_gemm_call_overhead_s"] if call_overhead else 0.0
     efficiency = DeviceEfficiency(
         compute=base.efficiency.compute,
         memory=base.efficiency.memory,
         kernel_overhead=10 ** values["log10_kernel_overhead_s"],
         gemm=GemmTiling(efficiency=values["gemm_efficiency"],
                         operand_bandwidth=10 ** values["log10_operand_bandwidth"],
-                        tile_overhead=10 ** values["log10_tile_overhead_s"]),
+                        tile_overhead=10 ** values["log10_tile_overhead_s"], call_overhead=call),
         kernels={kind: KernelEfficiency(bandwidth=values[f"{kind}_bandwidth"],
                                         half_size=10 ** values[f"log10_{kind}_half_bytes"],
                                         floor=10 ** values[f"log10_{kind}_floor_s"])
@@ -111,7 +115,7 @@ def fit_device(base: Device, frame: pd.DataFrame) -> tuple[Device, dict[str, Any
     prepared = prepare_compute(frame)
 
     def residuals(x: np.ndarray) -> np.ndarray:
-        device = device_with(base, x, "fitting")
+        device = device_with(base, x, "fitting", call_overhead=True)
         return np.log(evaluate_compute(prepared, len(frame), lambda g, m: device)) - measured
 
     result = _robust_fit(residuals, DEVICE_PARAMS)
@@ -121,7 +125,7 @@ def fit_device(base: Device, frame: pd.DataFrame) -> tuple[Device, dict[str, Any
         "parameters": dict(zip([p[0] for p in DEVICE_PARAMS], map(float, result.x), strict=True)),
         "residuals": _residual_stats(result.fun),
     }
-    return device_with(base, result.x, "fitted", info), info
+    return device_with(base, result.x, "fitted", info, call_overhead=True), info
 
 
 def fit_device_to_ops(base: Device, ops: list[tuple[Op, ...]], measured_s: np.ndarray,
@@ -279,6 +283,7 @@ def device_fit_yaml(device: Device, source: str, command: str) -> str:
                 "efficiency": round(eff.gemm.efficiency, 4),
                 "operand_bandwidth": _fmt_bandwidth(eff.gemm.operand_bandwidth or 0),
                 "tile_overhead": _fmt_seconds(eff.gemm.tile_overhead),
+                "call_overhead": _fmt_seconds(eff.gemm.call_overhead),
             },
             "kernels": {
                 kind: {"bandwidth": round(k.bandwidth, 4), "half_size": _fmt_bytes(k.half_size),

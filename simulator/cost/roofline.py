@@ -1,6 +1,7 @@
 """Roofline time and energy of one op on one device.
 
 ``time = max(flops / (peak[dtype] * eff_c(flops)), bytes / (bw * eff_m(bytes)), floor) + kernel_overhead``
+(``+ gemm.call_overhead`` for a GEMM on a device with the tile model)
 
 where a device's per-kind ``kernels`` entry, when present, gives
 ``bytes / (bw * eff_m(bytes)) = (bytes + half_size) / (bw * bandwidth)`` and the floor.
@@ -119,10 +120,13 @@ def cost_op(op: Op, device: Device) -> OpCost:
         compute_s = share * op.flops / peak + (1 - share) * compute_s
         if not np.ndim(memory_s):
             memory_s, floor, compute_s = float(memory_s), float(floor), float(compute_s)
+    overhead_s = eff.kernel_overhead
+    if op.kind == "gemm" and eff.gemm is not None:
+        overhead_s += eff.gemm.call_overhead
     busy_s = _maximum(_maximum(compute_s, memory_s), floor)
-    time_s = busy_s + eff.kernel_overhead
+    time_s = busy_s + overhead_s
     energy = op_power_w(device, op.flops, nbytes, peak, time_s) * time_s
-    return OpCost(op, compute_s, memory_s, eff.kernel_overhead, time_s, energy, peak)
+    return OpCost(op, compute_s, memory_s, overhead_s, time_s, energy, peak)
 
 
 def cost_ops(ops: list[Op], device: Device) -> list[OpCost]:

@@ -79,6 +79,13 @@ class BlockManager:
         self.held[requests] += extra
         return True
 
+    def fit_all(self, requests: np.ndarray, tokens: np.ndarray, shared: np.ndarray) -> None:
+        """Give back blocks held beyond what ``tokens`` cached tokens need (a run cut short)."""
+        need = -(-np.maximum(tokens - shared, 0) // self.block_size)
+        surplus = np.maximum(self.held[requests] - need, 0)
+        self.held[requests] -= surplus
+        self.free += int(surplus.sum())
+
     def release(self, request: int) -> int:
         blocks = int(self.held[request])
         self.held[request] = 0

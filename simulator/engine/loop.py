@@ -39,6 +39,17 @@ _ARRIVAL, _DONE, _TRANSFER = 0, 1, 2
 
 
 @dataclass
+class _Run:
+    """Decode-only iterations of the same requests, costed together (``Simulation._start_run``)."""
+
+    requests: np.ndarray
+    start: float
+    ends: np.ndarray
+    energies: np.ndarray
+    blocks_used: np.ndarray
+
+
+@dataclass
 class Replica:
     """One replica: its cost model, KV blocks and queues (mutable state of the loop)."""
 
@@ -51,6 +62,8 @@ class Replica:
     idle_power_w: float
     swap_rate: float | None = None  # bytes/s to host memory, for swap preemption
     draft: ReplicaCost | None = None  # speculative decoding: the draft model on the same devices
+    run: _Run | None = None  # a stretch of decode-only iterations costed at once
+    version: int = 0  # bumped when a run is cut short: its old end event is stale
     running: list[int] = field(default_factory=list)
     waiting: deque = field(default_factory=deque)
     busy: bool = False
@@ -63,7 +76,8 @@ class Replica:
 class Simulation:
     def __init__(self, workload: Workload, replicas: list[Replica], config: SchedulerConfig,
                  router: str = "round-robin", kv_link_rate: float | None = None,
-                 kv_link_latency: float = 0.0, speculation: Speculation | None = None, seed: int = 0):
+                 kv_link_latency: float = 0.0, speculation: Speculation | None = None, seed: int = 0,
+                 fast_forward: bool = True):
         if router not in ROUTERS:
             raise InferSimError(f"router {router!r}: choose round-robin or least-tokens")
         self.w, self.replicas, self.config, self.router = workload, replicas, config, router
@@ -81,6 +95,9 @@ class Simulation:
             raise InferSimError("speculative decoding runs under continuous, chunked or decode-priority "
                                 "scheduling, not static batches")
         self.rng = np.random.default_rng(seed)
+        # Decode-only stretches are costed as one array (cut short when a request arrives), which
+        # gives the same records as stepping through them one iteration at a time.
+        self.fast_forward = fast_forward and config.policy != "static" and not self.gamma
         n = len(workload)
         self.prompt = workload.prompt_tokens.astype(np.int64)
         self.output = workload.output_tokens.astype(np.int64)
@@ -120,32 +137,43 @@ class Simulation:
         now = 0.0
         while self.events:
             now, _, kind, data = heapq.heappop(self.events)
+            if kind == _DONE:
+                replica, version = data
+                if version != replica.version:
+                    continue  # a run cut short: its end moved
+                self._finish(replica, now)
+                self._start(replica, now)
+                continue
             if kind == _ARRIVAL:
-                replica = self._route(data)
-                self._enqueue(replica, data)
-                if not replica.busy:
-                    self._start(replica, now)
-            elif kind == _DONE:
-                self._finish(data, now)
-                self._start(data, now)
+                request, replica = data, self._route(data, now)
             else:
                 request, replica = data
-                self._enqueue(replica, request)
-                if not replica.busy:
-                    self._start(replica, now)
+            self._enqueue(replica, request)
+            if not replica.busy:
+                self._start(replica, now)
+            elif replica.run is not None:
+                self._cut(replica, now)
         return self._records(now, time.perf_counter() - wall)
 
-    def _route(self, request: int) -> Replica:
+    def _route(self, request: int, now: float) -> Replica:
         pool = self.mixed or self.prefill_pool
-        return self._pick(pool, request)
+        return self._pick(pool, request, now)
 
-    def _pick(self, pool: list[Replica], request: int) -> Replica:
+    def _pick(self, pool: list[Replica], request: int, now: float) -> Replica:
         if len(pool) == 1:
             return pool[0]
         if self.router == "round-robin":
             self._rr += 1
             return pool[self._rr % len(pool)]
-        return min(pool, key=lambda r: r.outstanding_tokens)
+        return min(pool, key=lambda r: self._outstanding(r, now))
+
+    def _outstanding(self, replica: Replica, now: float) -> int:
+        """Tokens the replica still owes, as stepping iteration by iteration would have it now."""
+        run = replica.run
+        if run is None:
+            return replica.outstanding_tokens
+        done = int(np.searchsorted(run.ends, now, side="left"))  # iterations ended before now
+        return replica.outstanding_tokens - done * len(run.requests)
 
     def _enqueue(self, replica: Replica, request: int) -> None:
         replica.waiting.append(request)
@@ -163,6 +191,8 @@ class Simulation:
     # --- forming an iteration ---------------------------------------------------------------
 
     def _start(self, replica: Replica, now: float) -> None:
+        if self.fast_forward and self._start_run(replica, now):
+            return
         step = self._form(replica)
         if step.empty:
             replica.busy, replica.current = False, None
@@ -209,7 +239,75 @@ class Simulation:
             self.energy[r] += energy * n / tokens
         for r in step.decode:
             self.energy[r] += energy / tokens
-        self._push(now + seconds, _DONE, replica)
+        self._push(now + seconds, _DONE, (replica, replica.version))
+
+    def _start_run(self, replica: Replica, now: float) -> bool:
+        """When nothing waits and every running request decodes, the next iterations are the same
+        requests one token longer each, until one finishes: cost them as one array."""
+        if replica.waiting or not replica.running or replica.pool == "prefill":
+            return False
+        ids = np.array(replica.running, dtype=np.int64)
+        cached, shared = self.cached[ids], self.shared[ids]
+        if np.any(cached < self.target[ids]):
+            return False
+        steps = int(min((self.output[ids] - self.generated[ids]).min(), 1024))
+        if steps < 2:
+            return False
+        blocks = replica.blocks
+        held, used = blocks.held[ids].copy(), blocks.used
+        if not blocks.grow_all(ids, cached + steps, shared):
+            return False
+        need = -(-np.maximum(cached[None, :] + np.arange(1, steps + 1)[:, None] - shared[None, :], 0)
+                 // blocks.block_size)
+        blocks_used = used + np.maximum(need - held[None, :], 0).sum(axis=1)
+        seconds, energy = replica.cost.decode_run(cached + 1, steps)
+        ends = now + np.cumsum(seconds)
+        replica.run = _Run(ids, now, ends, energy, blocks_used)
+        replica.busy, replica.current = True, None
+        replica.busy_s += float(ends[-1] - now)
+        self._push(float(ends[-1]), _DONE, (replica, replica.version))
+        return True
+
+    def _cut(self, replica: Replica, now: float) -> None:
+        """Work arrived during a run: it ends with the iteration in progress now."""
+        run = replica.run
+        assert run is not None
+        last = int(np.searchsorted(run.ends, now, side="left"))  # the iteration running at now
+        if last + 1 >= len(run.ends):
+            return
+        replica.busy_s -= float(run.ends[-1] - run.ends[last])
+        run.ends, run.energies = run.ends[:last + 1], run.energies[:last + 1]
+        run.blocks_used = run.blocks_used[:last + 1]
+        replica.version += 1
+        self._push(float(run.ends[-1]), _DONE, (replica, replica.version))
+
+    def _finish_run(self, replica: Replica, run: _Run) -> None:
+        ids, steps = run.requests, len(run.ends)
+        n = len(ids)
+        starts = np.concatenate([[run.start], run.ends[:-1]])
+        durations = run.ends - starts
+        first = run.ends[0] - self.last_token[ids]
+        self.gaps.append(first)
+        if steps > 1:
+            self.gaps.append(np.tile(durations[1:], n))
+        self.tbt_max[ids] = np.maximum(self.tbt_max[ids], np.maximum(first, durations[1:].max(initial=0.0)))
+        self.cached[ids] += steps
+        self.generated[ids] += steps
+        self.last_token[ids] = run.ends[-1]
+        self.served_by[ids] = replica.index
+        self.energy[ids] += float(run.energies.sum()) / n
+        replica.outstanding_tokens -= steps * n
+        replica.blocks.fit_all(ids, self.cached[ids], self.shared[ids])
+        base = len(self.iterations)
+        power = np.divide(run.energies, durations, out=np.zeros(steps), where=durations > 0)
+        total = replica.blocks.total
+        self.iterations.extend(
+            (base + j, replica.index, replica.pool, float(starts[j]), float(run.ends[j]), 0, 0, n, n,
+             int(run.blocks_used[j]), total, float(power[j])) for j in range(steps))
+        done = ids[self.generated[ids] >= self.output[ids]]
+        for r in done.tolist():
+            self._complete(replica, r, float(run.ends[-1]))
+        replica.run = None
 
     def _form(self, replica: Replica) -> Iteration:
         policy = self.config.policy
@@ -352,6 +450,10 @@ class Simulation:
     # --- the end of an iteration ----------------------------------------------------------
 
     def _finish(self, replica: Replica, now: float) -> None:
+        if replica.run is not None:
+            self._finish_run(replica, replica.run)
+            replica.busy = False
+            return
         step = replica.current
         assert step is not None
         emitted: list[int] = []
@@ -418,7 +520,7 @@ class Simulation:
         replica.running.remove(request)
         if self.group[request] >= 0:
             replica.blocks.leave_prefix(int(self.group[request]))
-        target = self._pick(self.decode_pool, request)
+        target = self._pick(self.decode_pool, request, now)
         nbytes = int(self.cached[request]) * replica.kv_bytes_per_token
         assert self.kv_link_rate is not None
         start = max(now, replica.link_free_s)

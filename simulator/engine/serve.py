@@ -142,6 +142,7 @@ def serve(
     step_overhead_s: float = 0.0,
     speculative: Speculation | None = None,
     seed: int = 0,
+    fast_forward: bool = True,
 ) -> ServeRecords:
     """Simulate serving ``workload``; per-request and per-iteration records.
 
@@ -152,6 +153,8 @@ def serve(
     system or a bandwidth) from the prefill replica that computed it to a decode replica.
     ``speculative``: every decode iteration drafts ``gamma`` tokens per request on the draft
     model and verifies them on the target; the accepted count is drawn from ``seed``.
+    ``fast_forward=False`` steps through decode-only stretches one iteration at a time (the same
+    records, slower; for checking).
     """
     scheduler = scheduler or SchedulerConfig()
     spec = load_model(model)
@@ -184,7 +187,8 @@ def serve(
             raise InferSimError("--kv-link names the link between prefill and decode pools; it needs "
                                 "--prefill-hardware or --decode-hardware")
         replicas = build("mixed", system, plan.dp if plan is not None else 1, 0)
-        return Simulation(workload, replicas, scheduler, router, speculation=speculative, seed=seed).run()
+        return Simulation(workload, replicas, scheduler, router, speculation=speculative, seed=seed,
+                          fast_forward=fast_forward).run()
     pre = load_system(prefill_hardware or system)
     dec = load_system(decode_hardware or system)
     for name, count in (("prefill replicas", prefill_replicas), ("decode replicas", decode_replicas)):
@@ -194,4 +198,5 @@ def serve(
     replicas = build("prefill", pre, prefill_replicas, 0) + build("decode", dec, decode_replicas,
                                                                   prefill_replicas)
     return Simulation(workload, replicas, scheduler, router, kv_link_rate=link.rate,
-                      kv_link_latency=link.latency, speculation=speculative, seed=seed).run()
+                      kv_link_latency=link.latency, speculation=speculative, seed=seed,
+                          fast_forward=fast_forward).run()

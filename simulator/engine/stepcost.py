@@ -298,6 +298,41 @@ class ReplicaCost:
             costs.append(cost_op(_op_from(table.template, [float(v) for v in total]), self.device))
         return costs
 
+    def decode_run(self, contexts: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """(seconds, joules) of each of ``steps`` decode-only iterations of the same requests, the
+        first at ``contexts``, each step one token longer: ``iteration`` for every step, costed
+        as arrays over the steps."""
+        contexts = np.asarray(contexts, dtype=np.int64)
+        n = len(contexts)
+        if self.plan is not None:
+            empty = np.zeros(0, dtype=np.int64)
+            pairs = [self.iteration(empty, empty, contexts + j, n) for j in range(steps)]
+            return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+        time_s = np.full(steps, self.step_overhead_s + float(self._token_time["both"][n - 1])
+                         + float(self._token_time["decode"][n - 1]))
+        energy = np.full(steps, float(self._token_energy["both"][n - 1])
+                         + float(self._token_energy["decode"][n - 1])
+                         + self.step_overhead_s * self.device.power.idle)
+        for cost in self._head(n):
+            time_s += float(cost.total_s)
+            energy += float(cost.total_energy_j)
+        index = (contexts - 1)[None, :] + np.arange(steps)[:, None]  # steps x requests
+        if index.max() >= self.max_context:
+            raise InferSimError(f"a context of {index.max() + 1} tokens exceeds the engine's table of "
+                                f"{self.max_context}")
+        for name in self._attention_names:
+            table = self._decode[name]
+            rows = table.rows[index]  # steps x requests x fields
+            if self.per_request:
+                cost = cost_op(_op_from(table.template, np.moveaxis(rows, 2, 0)), self.device)
+                time_s += np.sum(cost.time_s, axis=1) * cost.op.count
+                energy += np.sum(cost.energy_j, axis=1) * cost.op.count
+            else:
+                cost = cost_op(_op_from(table.template, rows.sum(axis=1).T), self.device)
+                time_s += cost.time_s * cost.op.count
+                energy += cost.energy_j * cost.op.count
+        return time_s, energy
+
     def prefill_alone_s(self, prompt: int) -> float:
         """One request's whole prompt as the only work of an iteration (a lower bound on TTFT)."""
         return self.iteration(np.array([prompt]), np.array([0]), np.zeros(0, dtype=np.int64), 1)[0]

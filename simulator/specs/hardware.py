@@ -69,7 +69,8 @@ class GemmTiling(Spec):
     the larger of its math at ``efficiency`` of one unit's share of the peak and
     its operand traffic (``(tm + tn) * k / split`` values) at one unit's share of the
     cache bandwidth, plus a fixed ``tile_overhead``. The fastest tiling wins,
-    as a library's heuristic would pick.
+    as a library's heuristic would pick. Every GEMM call also costs ``call_overhead``
+    on top of the kernel's time (``DeviceEfficiency.kernel_overhead`` included).
     """
 
     tiles: tuple[tuple[int, int], ...] = ((256, 128), (128, 256), (128, 128), (128, 64), (64, 128),
@@ -80,6 +81,9 @@ class GemmTiling(Spec):
     """Fixed time per tile beyond its main loop: pipeline fill and writing the output tile."""
     operand_bandwidth: Bandwidth | None = None
     """Aggregate rate at which the cache feeds tiles their operands (L2 to SMs); none: unlimited."""
+    call_overhead: Seconds = 0.0
+    """Fixed time per GEMM call beyond a plain kernel's launch, whatever its size: the library's
+    dispatch and the kernel's pipeline fill and drain, outside both roofs."""
 
 
 KernelKind = Literal["gemm", "gemv", "attention", "softmax", "elementwise", "cache_write", "norm", "rope",
