@@ -51,9 +51,9 @@ def main() -> None:
     if args.million:
         workload = clip_lengths(synthetic(1_000_000, 100 * 3.0, f"trace:{TRACE}", f"trace:{TRACE}", seed=0),
                                 max_total=4096)
-        _row("1,000,000 requests, llama-2-7b on 100 A100 replicas (least-tokens router)",
+        _row("1,000,000 requests, llama-2-7b on 100 A100 replicas (round-robin router)",
              lambda: serve("llama-2-7b", "dgx-a100", workload, parallel=ParallelPlan(dp=100),
-                           router="least-tokens"))
+                           router="round-robin"))
     print(f"load average after: {os.getloadavg()}")
 
 

@@ -322,6 +322,8 @@ def test_power_budget_fits_more_capped_servers(capsys):
     {"parallel": "dp3-rr-chunked"},
     {"memory_fraction": 0.45, "model": "llama-2-13b"},
     {"disaggregated": True},
+    {"rate": 300.0, "scheduler": SchedulerConfig(max_batch=16)},
+    {"rate": 300.0, "scheduler": SchedulerConfig(policy="decode-priority", max_batch_tokens=2048)},
 ])
 def test_decode_runs_match_stepping_one_iteration_at_a_time(kwargs):
     """Costing decode-only stretches as one array (cut short by arrivals) changes nothing."""
@@ -329,7 +331,7 @@ def test_decode_runs_match_stepping_one_iteration_at_a_time(kwargs):
 
     kwargs = dict(kwargs)
     model = kwargs.pop("model", MODEL)
-    workload = _workload(150, 12.0, prompt="uniform:16:1500", output="uniform:1:400")
+    workload = _workload(150, kwargs.pop("rate", 12.0), prompt="uniform:16:1500", output="uniform:1:400")
     options: dict = {}
     if kwargs.pop("parallel", None):
         options = {"parallel": ParallelPlan(dp=3), "router": "round-robin",

@@ -244,7 +244,7 @@ class Simulation:
     def _start_run(self, replica: Replica, now: float) -> bool:
         """When nothing waits and every running request decodes, the next iterations are the same
         requests one token longer each, until one finishes: cost them as one array."""
-        if replica.waiting or not replica.running or replica.pool == "prefill":
+        if not replica.running or replica.pool == "prefill" or not self._head_blocked(replica):
             return False
         ids = np.array(replica.running, dtype=np.int64)
         cached, shared = self.cached[ids], self.shared[ids]
@@ -267,6 +267,30 @@ class Simulation:
         replica.busy_s += float(ends[-1] - now)
         self._push(float(ends[-1]), _DONE, (replica, replica.version))
         return True
+
+    def _head_blocked(self, replica: Replica) -> bool:
+        """Whether no waiting request can join before a running one finishes: the queue is empty,
+        or its head is refused for want of a slot, token budget or KV blocks, all of which only
+        shrink while the running requests decode (a head with a shared prefix, swapped out or
+        already prefilled elsewhere is not judged: no run)."""
+        if not replica.waiting:
+            return True
+        r = replica.waiting[0]
+        if self.group[r] >= 0 or self.swapped[r] or not self._prefilling(r):
+            return False
+        config, running = self.config, len(replica.running)
+        if running >= config.max_batch:
+            return True
+        budget = config.max_batch_tokens if config.policy == "continuous" else config.token_budget - running
+        if budget <= 0:
+            return True
+        need = int(self.target[r] - self.cached[r])
+        if config.policy == "chunked":
+            need = min(need, budget)
+        elif need > budget:
+            return True
+        reserve = int(config.watermark * replica.blocks.total)
+        return not replica.blocks.can_grow(r, int(self.cached[r]) + need, int(self.shared[r]), reserve)
 
     def _cut(self, replica: Replica, now: float) -> None:
         """Work arrived during a run: it ends with the iteration in progress now."""
