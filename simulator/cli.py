@@ -280,8 +280,15 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from simulator.scenario import run_scenario
+    from simulator.scenario import load_scenario, run_scenario, serve_scenario
 
+    scenario = load_scenario(args.scenario)
+    if scenario.serving is not None:
+        from simulator.engine.cli import print_summary
+
+        _, summary = serve_scenario(args.scenario)
+        return print_summary(summary, args.json, f"{scenario.model} on {scenario.hardware}",
+                             scenario.serving.scheduler)
     return _print_result(run_scenario(args.scenario), args)
 
 

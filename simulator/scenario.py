@@ -115,6 +115,41 @@ class StrategyChoice(Spec):
     speculative: SpeculativeChoice | None = None
 
 
+class ServingChoice(Spec):
+    """A serving run (``infersim serve``'s flags): a trace, or arrivals at a rate; the scheduler,
+    KV cache, replicas and objectives."""
+
+    trace: str | None = None
+    max_requests: int | None = Field(None, gt=0)
+    time_scale: float = Field(1.0, gt=0)
+    rate: float | None = Field(None, gt=0)
+    requests: int | None = Field(None, gt=0)
+    duration: float | None = Field(None, gt=0)
+    arrival_cv: float = Field(1.0, gt=0)
+    input_len: str | int = "512"
+    output_len: str | int = "128"
+    max_input_len: int | None = Field(None, gt=0)
+    max_output_len: int | None = Field(None, gt=0)
+    prefix_groups: int = Field(0, ge=0)
+    prefix_tokens: int = Field(0, ge=0)
+    seed: int = 0
+    scheduler: Literal["static", "continuous", "chunked", "decode-priority"] = "continuous"
+    chunk_size: int = Field(512, gt=0)
+    max_batch: int = Field(256, gt=0)
+    max_batch_tokens: int = Field(8192, gt=0)
+    block_size: int = Field(16, gt=0)
+    preemption: Literal["recompute", "swap"] = "recompute"
+    prefix_caching: bool = True
+    memory_fraction: float = Field(0.9, gt=0, le=1)
+    step_overhead: float = Field(0.0, ge=0)
+    router: Literal["round-robin", "least-tokens"] = "least-tokens"
+    prefill_replicas: int = Field(1, gt=0)
+    decode_replicas: int = Field(1, gt=0)
+    power_cap: float | None = Field(None, gt=0)
+    slo_ttft: float | None = Field(None, gt=0)
+    slo_tbt: float | None = Field(None, gt=0)
+
+
 class Scenario(Spec):
     name: str | None = None
     description: str = ""
@@ -123,6 +158,9 @@ class Scenario(Spec):
     workload: Workload = Workload()
     precision: PrecisionChoice = PrecisionChoice()
     strategy: StrategyChoice = StrategyChoice()
+    serving: ServingChoice | None = None
+    """When present, ``infersim run`` simulates serving (``simulator.engine``) instead of one
+    request shape."""
 
 
 def _local(reference: str, folder: Path) -> str:
@@ -143,6 +181,9 @@ def load_scenario(path: str | Path) -> Scenario:
                                          if k.endswith("hardware") and v is not None})
         scenario = scenario.model_copy(update={
             "strategy": scenario.strategy.model_copy(update={"disaggregation": split})})
+    if scenario.serving is not None and scenario.serving.trace is not None:
+        serving = scenario.serving.model_copy(update={"trace": _local(scenario.serving.trace, folder)})
+        scenario = scenario.model_copy(update={"serving": serving})
     return scenario.model_copy(update={"model": _local(scenario.model, folder),
                                        "hardware": _local(scenario.hardware, folder),
                                        "name": scenario.name or path.stem})
@@ -184,8 +225,49 @@ def estimate_options(scenario: Scenario) -> dict[str, Any]:
     return options
 
 
+def serve_scenario(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """A scenario with a ``serving`` section: the records and the summary ``infersim serve`` gives."""
+    import argparse
+
+    from simulator.engine.cli import run_from_args
+
+    scenario = load_scenario(path)
+    serving = scenario.serving
+    if serving is None:
+        raise InferSimError(f"{path}: no serving section; use run_scenario for one request shape")
+    strategy = scenario.strategy
+    if strategy.offload is not None or strategy.flash is not None or strategy.kv.policy != "full":
+        raise InferSimError(f"{path}: strategy: the serving engine runs parallel plans, disaggregation "
+                            "and speculative decoding; offloading, flash-backed FFNs and KV eviction are "
+                            "modelled per request shape only (drop them or the serving section)")
+    parallel = strategy.parallel or ParallelChoice()
+    if parallel.ep != 1:
+        raise InferSimError(f"{path}: strategy.parallel.ep: expert parallelism is not in the serving engine")
+    split = strategy.disaggregation or DisaggregationChoice()
+    spec = strategy.speculative
+    args = argparse.Namespace(
+        model=scenario.model, hardware=scenario.hardware, **serving.model_dump(exclude={"prefix_caching"}),
+        no_prefix_caching=not serving.prefix_caching, weight_dtype=scenario.precision.weight_dtype,
+        kv_dtype=scenario.precision.kv_dtype, act_dtype=scenario.precision.act_dtype,
+        attention=scenario.precision.attention, tp=parallel.tp, pp=parallel.pp, dp=parallel.dp,
+        micro_batches=parallel.micro_batches, overlap=parallel.overlap,
+        prefill_hardware=split.prefill_hardware, decode_hardware=split.decode_hardware,
+        kv_link=split.kv_link, draft_model=spec.draft if spec else None,
+        draft_kv_budget=spec.draft_kv_budget if spec else None, spec_gamma=spec.gamma if spec else 4,
+        spec_alpha=spec.alpha if spec else 0.8,
+        spec_profile=",".join(str(a) for a in spec.profile) if spec and spec.profile else None)
+    try:
+        return run_from_args(args)
+    except SpecError:
+        raise
+    except InferSimError as err:
+        raise InferSimError(f"{path}: {err}") from None
+
+
 def run_scenario(path: str | Path) -> EstimateResult:
     scenario = load_scenario(path)
+    if scenario.serving is not None:
+        raise InferSimError(f"{path}: has a serving section; run it with `infersim run` or serve_scenario")
     w = scenario.workload
     try:
         return estimate(scenario.model, scenario.hardware, batch=w.batch, input_len=w.input_len,

@@ -181,7 +181,8 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def run_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The records and the summary of ``infersim serve`` with these arguments."""
     wall = time.perf_counter()
     workload = workload_from_args(args)
     records = _run(args, workload)
@@ -189,6 +190,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     summary["sim_wall_s"] = time.perf_counter() - wall
     summary["iterations"] = records.meta["iterations"]
     summary["workload"] = workload.describe()
+    return records, summary
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    records, summary = run_from_args(args)
     if args.power_budget is not None:
         from simulator.engine.power import servers_under_budget
         from simulator.specs.loader import load_system
@@ -208,7 +214,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         written = plot_serving(records, args.plots, f"{args.model} on {args.hardware}")
         summary["plots"] = [str(p) for p in written]
-    if args.json:
+    return print_summary(summary, args.json, f"{args.model} on {args.hardware}", args.scheduler)
+
+
+def print_summary(summary: dict[str, Any], as_json: bool, title: str, scheduler: str) -> int:
+    if as_json:
         print(json.dumps(summary, indent=2))
         return 0
     from simulator.report.tables import console
@@ -216,8 +226,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def pct(d: dict) -> str:
         return " / ".join("-" if d[k] is None else f"{d[k] * 1e3:.1f}" for k in ("p50", "p90", "p99"))
 
-    console.print(f"[bold]{args.model} on {args.hardware}[/bold], {summary['workload']['requests']} "
-                  f"requests ({summary['workload']['source']}), scheduler {args.scheduler}")
+    console.print(f"[bold]{title}[/bold], {summary['workload']['requests']} "
+                  f"requests ({summary['workload']['source']}), scheduler {scheduler}")
     console.print(f"completed {summary['completed']}  makespan {summary['makespan_s']:.1f} s  "
                   f"throughput {summary['throughput_tokens_per_s']:.1f} tok/s, "
                   f"{summary['throughput_requests_per_s']:.3f} req/s  goodput "

@@ -32,6 +32,7 @@ from simulator.graph.ops import Op
 from simulator.graph.transformer import AttentionImpl, Precision, StepShape, build_step
 from simulator.specs.hardware import Device, System
 from simulator.specs.model import ModelSpec
+from simulator.strategies.offload import NON_LAYER_OPS
 from simulator.strategies.parallel import LAST_STAGE_OPS, ParallelPlan
 from simulator.strategies.parallel import step_time as parallel_step_time
 
@@ -129,13 +130,28 @@ class ReplicaCost:
         self._token_time = {k: _total(v, "total_s", self.max_tokens) for k, v in self._token_costs.items()}
         self._token_energy = {k: _total(v, "total_energy_j", self.max_tokens)
                               for k, v in self._token_costs.items()}
+        # Under a one-stage plan the step is its layers' time with the collectives partly hidden
+        # under them, plus the ops outside the layers (embedding, head): kept apart for that.
+        self._token_outside = {k: (_total({n: c for n, c in v.items() if c.op.name in NON_LAYER_OPS},
+                                          "total_s", self.max_tokens),
+                                   _total({n: c for n, c in v.items() if c.op.name in NON_LAYER_OPS},
+                                          "total_energy_j", self.max_tokens))
+                               for k, v in self._token_costs.items()}
+        self._plan_fast = (self.plan is not None and self.plan.pp == 1 and self.plan.micro == 1
+                           and not self.plan.sequence_parallel)
+        self._communication: dict[int, float] = {}
         self._head_cache: dict[int, list[OpCost]] = {}
         contexts = np.arange(1, self.max_context + 1, dtype=float)
         decode_ops = self._build(StepShape("decode", 1, 1, contexts))
         self._decode = _tables(decode_ops, ATTENTION_OPS, self.max_context)
-        self._attention_names = tuple(self._decode)
         self._prefill_cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._prefill_coef = self._fit_prefill()
+        # Every op that reads the cache in either phase (MLA's up-projection of the latent runs in
+        # prefill only; XQuant's recomputation in decode only), with an op to copy its kind from.
+        self._templates = {op.name: op for op in self._build(StepShape("prefill", 1, 1, 1.0))
+                           if op.name in ATTENTION_OPS}
+        self._templates.update({name: table.template for name, table in self._decode.items()})
+        self._attention_names = tuple(self._templates)
 
     # --- tables -------------------------------------------------------------------------
 
@@ -147,10 +163,14 @@ class ReplicaCost:
         shape = (StepShape("prefill", 1, tokens, tokens) if phase == "prefill"  # type: ignore[arg-type]
                  else StepShape("decode", tokens, 1, 1.0))  # type: ignore[arg-type]
         costs: dict[str, OpCost] = {}
+        seen: dict[str, int] = {}
         for op in self._build(shape):
             if op.name in ATTENTION_OPS or op.name in HEAD_OPS:
                 continue
-            name = op.name if op.name not in costs else f"{op.name}#{len(costs)}"
+            # Ops of one name (the two residual adds of a layer) by their order among that name, so
+            # that the same op carries the same key in both phases' graphs.
+            seen[op.name] = seen.get(op.name, 0) + 1
+            name = op.name if seen[op.name] == 1 else f"{op.name}#{seen[op.name]}"
             costs[name] = _broadcast(cost_op(op, self.device), max_tokens)
         return costs
 
@@ -239,19 +259,24 @@ class ReplicaCost:
         attention = self._attention_costs(prefill_new, prefill_start, decode_context)
         head = self._head(emitting) if emitting else []
         counts = {"both": tokens, "prefill": tokens - len(decode_context), "decode": len(decode_context)}
-        if self.plan is None:
-            time_s, energy = self.step_overhead_s, 0.0
+        if self.plan is None or self._plan_fast:
+            time_s = energy = outside_s = outside_j = 0.0
             for part, count in counts.items():
                 if count:
                     time_s += float(self._token_time[part][count - 1])
                     energy += float(self._token_energy[part][count - 1])
+                    outside_s += float(self._token_outside[part][0][count - 1])
+                    outside_j += float(self._token_outside[part][1][count - 1])
             for cost in attention:
                 time_s += float(np.sum(cost.time_s)) * cost.op.count
                 energy += float(np.sum(cost.energy_j)) * cost.op.count
             for cost in head:
                 time_s += float(cost.total_s)
                 energy += float(cost.total_energy_j)
-            return time_s, energy + self.step_overhead_s * self.device.power.idle
+                outside_s += float(cost.total_s)
+            if self.plan is None:
+                return time_s + self.step_overhead_s, energy + self.step_overhead_s * self.device.power.idle
+            return self._one_stage(tokens, time_s - outside_s, outside_s, energy)
         costs = [_at(cost, count - 1) for part, count in counts.items() if count
                  for cost in self._token_costs[part].values()]
         costs += [_summed(cost) for cost in attention] + head
@@ -259,6 +284,22 @@ class ReplicaCost:
                                   costs, "prefill" if len(prefill_new) else "decode")
         return (step.time_s + self.step_overhead_s,
                 step.energy_j + self.step_overhead_s * self.device.power.idle * self.plan.devices)
+
+    def _one_stage(self, tokens: int, layer_s: Any, outside_s: Any, energy: Any) -> tuple[Any, Any]:
+        """A tensor-parallel step without pipeline stages (``parallel.step_time`` with one stage and
+        one micro-batch): the layers, their collectives hidden by the plan's overlap, the ops
+        outside the layers; idle devices draw idle power while communication is exposed."""
+        assert self.plan is not None
+        comm = self._communication.get(tokens)
+        if comm is None:
+            comm = parallel_step_time(self.plan, self.system, self.model, tokens, self.precision.act_bytes,
+                                      [], "decode").communication_s
+            self._communication[tokens] = comm
+        time_s = layer_s + outside_s + comm - self.plan.overlap * np.minimum(comm, layer_s)
+        exposed = np.maximum(0.0, time_s - layer_s - outside_s)
+        joules = (energy + exposed * self.device.power.idle) * self.plan.devices
+        return (time_s + self.step_overhead_s,
+                joules + self.step_overhead_s * self.device.power.idle * self.plan.devices)
 
     def _attention_costs(self, prefill_new: np.ndarray, prefill_start: np.ndarray,
                          decode_context: np.ndarray) -> list[OpCost]:
@@ -268,12 +309,15 @@ class ReplicaCost:
         index = decode_context - 1
         chunks = self._prefill_parts(prefill_new, prefill_start) if len(prefill_new) else {}
         for name in self._attention_names:
-            table = self._decode[name]
-            rows = table.rows[index]
-            extra = chunks.get(name)
-            if extra is not None:
-                rows = np.concatenate([rows, extra])
-            costs.append(cost_op(_op_from(table.template, rows.T), self.device))
+            parts = []
+            table = self._decode.get(name)
+            if table is not None and len(index):
+                parts.append(table.rows[index])
+            if name in chunks:
+                parts.append(chunks[name])
+            if parts:
+                rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                costs.append(cost_op(_op_from(self._templates[name], rows.T), self.device))
         return costs
 
     def _batched_attention(self, prefill_new: np.ndarray, prefill_start: np.ndarray,
@@ -289,13 +333,19 @@ class ReplicaCost:
                   else self._prefill_parts(prefill_new, prefill_start))
         costs = []
         for name in self._attention_names:
-            table = self._decode[name]
-            total = table.rows[index].sum(axis=0) if len(index) else np.zeros(len(_FIELDS) + 1)
+            table = self._decode.get(name)
+            used = table is not None and len(index) > 0
+            total = (table.rows[index].sum(axis=0) if table is not None and used
+                     else np.zeros(len(_FIELDS) + 1))
             if summed_features is not None and name in self._prefill_coef:  # type: ignore[operator]
                 total = total + summed_features @ self._prefill_coef[name]  # type: ignore[index]
+                used = True
             elif name in chunks:
                 total = total + chunks[name].sum(axis=0)
-            costs.append(cost_op(_op_from(table.template, [float(v) for v in total]), self.device))
+                used = True
+            if used:
+                op = _op_from(self._templates[name], [float(v) for v in total])
+                costs.append(cost_op(op, self.device))
         return costs
 
     def decode_run(self, contexts: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -304,24 +354,25 @@ class ReplicaCost:
         as arrays over the steps."""
         contexts = np.asarray(contexts, dtype=np.int64)
         n = len(contexts)
-        if self.plan is not None:
+        if self.plan is not None and not self._plan_fast:
             empty = np.zeros(0, dtype=np.int64)
             pairs = [self.iteration(empty, empty, contexts + j, n) for j in range(steps)]
             return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
-        time_s = np.full(steps, self.step_overhead_s + float(self._token_time["both"][n - 1])
+        time_s = np.full(steps, float(self._token_time["both"][n - 1])
                          + float(self._token_time["decode"][n - 1]))
         energy = np.full(steps, float(self._token_energy["both"][n - 1])
-                         + float(self._token_energy["decode"][n - 1])
-                         + self.step_overhead_s * self.device.power.idle)
+                         + float(self._token_energy["decode"][n - 1]))
+        outside_s = (float(self._token_outside["both"][0][n - 1])
+                     + float(self._token_outside["decode"][0][n - 1]))
         for cost in self._head(n):
             time_s += float(cost.total_s)
             energy += float(cost.total_energy_j)
+            outside_s += float(cost.total_s)
         index = (contexts - 1)[None, :] + np.arange(steps)[:, None]  # steps x requests
         if index.max() >= self.max_context:
             raise InferSimError(f"a context of {index.max() + 1} tokens exceeds the engine's table of "
                                 f"{self.max_context}")
-        for name in self._attention_names:
-            table = self._decode[name]
+        for table in self._decode.values():
             rows = table.rows[index]  # steps x requests x fields
             if self.per_request:
                 cost = cost_op(_op_from(table.template, np.moveaxis(rows, 2, 0)), self.device)
@@ -331,7 +382,9 @@ class ReplicaCost:
                 cost = cost_op(_op_from(table.template, rows.sum(axis=1).T), self.device)
                 time_s += cost.time_s * cost.op.count
                 energy += cost.energy_j * cost.op.count
-        return time_s, energy
+        if self.plan is not None:
+            return self._one_stage(n, time_s - outside_s, outside_s, energy)
+        return time_s + self.step_overhead_s, energy + self.step_overhead_s * self.device.power.idle
 
     def prefill_alone_s(self, prompt: int) -> float:
         """One request's whole prompt as the only work of an iteration (a lower bound on TTFT)."""
