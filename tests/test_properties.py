@@ -115,7 +115,7 @@ def test_every_efficiency_parameter_moves_the_output(field, value, moves):
 @pytest.mark.parametrize(
     ("field", "value"),
     [("efficiency", 0.5), ("operand_bandwidth", 2e12), ("tile_overhead", 20e-6),
-     ("tiles", ((128, 128),)), ("split_k", (1,))],
+     ("call_overhead", 20e-6), ("tiles", ((128, 128),)), ("split_k", (1,))],
 )
 def test_every_gemm_tiling_parameter_moves_prefill(field, value):
     device = load_device("h100-sxm")
@@ -129,6 +129,21 @@ def test_every_gemm_tiling_parameter_moves_prefill(field, value):
         base_ttft = run("llama-2-7b", device, **shape).ttft_s
         moved.append(run("llama-2-7b", changed, **shape).ttft_s != pytest.approx(base_ttft, rel=1e-3))
     assert any(moved)
+
+
+def test_the_gemm_call_overhead_is_paid_once_per_gemm_and_by_nothing_else():
+    from simulator.cost.roofline import cost_op
+    from simulator.graph.transformer import Precision, StepShape, build_step
+
+    device = load_device("h100-sxm")
+    assert device.efficiency.gemm is not None
+    slower = with_efficiency(device, gemm=device.efficiency.gemm.model_copy(
+        update={"call_overhead": device.efficiency.gemm.call_overhead + 10e-6}))
+    precision = Precision(weight="bf16", kv="bf16", act="bf16", compute="bf16")
+    ops = build_step(load_model("llama-2-7b"), StepShape("prefill", 1, 512.0, 512.0), precision)
+    for op in ops:
+        added = cost_op(op, slower).time_s - cost_op(op, device).time_s
+        assert added == pytest.approx(10e-6 if op.kind == "gemm" else 0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["gemm", "norm", "rope", "activation", "embedding", "elementwise"])

@@ -3,10 +3,10 @@
     python -m simulator.calibrate.operators --profiles ../shared/measurements/vidur --write
 
 What is fitted describes the device and its kernel library, never a model or
-a shape: the fixed cost of a kernel, how achieved bandwidth ramps with bytes
-moved, the fraction of a compute unit's peak a GEMM tile reaches and the rate
-the cache feeds tiles, and how close each kind of kernel gets to the
-bandwidth. Collectives: a fixed cost per call and, per link, the hop latency
+a shape: the fixed cost of a kernel and of a GEMM call, how achieved bandwidth
+ramps with bytes moved, the fraction of a compute unit's peak a GEMM tile
+reaches and the rate the cache feeds tiles, and how close each kind of kernel
+gets to the bandwidth. Collectives: a fixed cost per call and, per link, the hop latency
 and the achievable fraction of bandwidth. The fit minimises a robust
 (soft-L1) loss on log(predicted / measured) with scipy's least_squares.
 """

@@ -69,8 +69,8 @@ class GemmTiling(Spec):
     the larger of its math at ``efficiency`` of one unit's share of the peak and
     its operand traffic (``(tm + tn) * k / split`` values) at one unit's share of the
     cache bandwidth, plus a fixed ``tile_overhead``. The fastest tiling wins,
-    as a library's heuristic would pick. Every GEMM call also costs ``call_overhead``
-    on top of the kernel's time (``DeviceEfficiency.kernel_overhead`` included).
+    as a library's heuristic would pick. Every GEMM call also costs ``call_overhead``,
+    added like ``DeviceEfficiency.kernel_overhead`` outside the roofs.
     """
 
     tiles: tuple[tuple[int, int], ...] = ((256, 128), (128, 256), (128, 128), (128, 64), (64, 128),
