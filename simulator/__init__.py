@@ -12,6 +12,7 @@ Public API::
                        kv_policy=simulator.KVPolicy("h2o", 0.2))
     simulator.search_plan("opt-30b", "workstation-4090", output_len=32)   # infersim plan
     simulator.run_scenario("workloads/scenarios/llama-7b-a100-h2o.yaml")  # infersim run
+    simulator.sweep({"model": ["llama-2-7b", "llama-3.1-8b"], "batch": {"range": [1, 64]}})  # infersim sweep
 """
 
 from simulator.errors import DoesNotFitError, InferSimError, SpecError, UnsupportedError
@@ -24,6 +25,7 @@ from simulator.strategies.offload import OffloadPlan
 from simulator.strategies.parallel import ParallelPlan
 from simulator.strategies.plan import search as search_plan
 from simulator.strategies.speculative import Speculation
+from simulator.study import sweep
 
 __all__ = [
     "DoesNotFitError",
@@ -41,4 +43,5 @@ __all__ = [
     "load_system",
     "run_scenario",
     "search_plan",
+    "sweep",
 ]

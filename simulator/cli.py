@@ -1,5 +1,5 @@
 """The ``infersim`` command: estimate, plan, info, list, roofline, calibrate, execute,
-execute-serve, validate.
+execute-serve, serve, capacity, sweep, validate.
 
 Every user error (bad spec, unknown name, plan that does not fit) prints one
 line on stderr and exits with code 2; ``--json`` prints machine-readable
@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     from simulator.engine.cli import add_serve_parser as add_engine_serve_parser
 
     add_engine_serve_parser(sub, _add_model_hardware)
+    from simulator.study.cli import add_sweep_parser
+
+    add_sweep_parser(sub)
 
     val = sub.add_parser("validate", help="predict measured executor runs and report the error")
     val.add_argument("--measurements", required=True, help="CSV written by python -m validation.measure")
@@ -432,6 +435,12 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     return run_capacity(args)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from simulator.study.cli import cmd_sweep as run_sweep
+
+    return run_sweep(args)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -444,7 +453,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 COMMANDS = {"estimate": cmd_estimate, "run": cmd_run, "plan": cmd_plan, "info": cmd_info, "list": cmd_list,
             "roofline": cmd_roofline, "calibrate": cmd_calibrate, "execute": cmd_execute,
             "execute-serve": cmd_execute_serve, "serve": cmd_serve, "capacity": cmd_capacity,
-            "validate": cmd_validate}
+            "sweep": cmd_sweep, "validate": cmd_validate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -223,8 +223,19 @@ def _parallel_does_not_fit(model: ModelSpec, device: Device, plan: ParallelPlan,
         required_bytes=memory.total, capacity_bytes=memory.capacity)
 
 
+def smaller_weights(model: ModelSpec, precision: Precision) -> dict[str, float]:
+    """Weight bytes in each dtype ``_does_not_fit`` may suggest (fewer bits than the current ones)."""
+    # int8 is never smaller than fp8, so never the one that fits
+    return {dtype: weight_bytes(model, Precision(weight=dtype, act=precision.act,
+                                                 group_size=precision.group_size))
+            for dtype in ("fp8", "int4") if dtypes.BITS[dtype] < dtypes.BITS[precision.weight]}
+
+
 def _does_not_fit(model: ModelSpec, device: Device, precision: Precision, batch: int,
-                  input_len: int, output_len: int, memory: MemoryUse) -> DoesNotFitError:
+                  input_len: int, output_len: int, memory: MemoryUse,
+                  smaller: dict[str, float] | None = None) -> DoesNotFitError:
+    """The error and its hints; ``smaller`` is ``smaller_weights(model, precision)`` when the caller
+    (a sweep, for many batches) has it already."""
     gb = 1e9
     over = memory.total - memory.capacity
     hints = []
@@ -232,12 +243,8 @@ def _does_not_fit(model: ModelSpec, device: Device, precision: Precision, batch:
     room = memory.capacity - memory.weights
     if room > per_sequence:
         hints.append(f"batch <= {int(room // per_sequence)}")
-    for dtype in ("fp8", "int4"):  # int8 is never smaller than fp8, so never the one that fits
-        if dtypes.BITS[dtype] >= dtypes.BITS[precision.weight]:
-            continue
-        smaller = weight_bytes(model, Precision(weight=dtype, act=precision.act,
-                                                group_size=precision.group_size))
-        if smaller + memory.kv_cache + memory.activations <= memory.capacity:
+    for dtype, size in (smaller_weights(model, precision) if smaller is None else smaller).items():
+        if size + memory.kv_cache + memory.activations <= memory.capacity:
             hints.append(f"--weight-dtype {dtype}")
             break
     devices = math.ceil(memory.total / memory.capacity)
