@@ -379,7 +379,19 @@ def test_serving_scenario_runs(capsys):
 
     from simulator.scenario import serve_scenario
 
-    records, summary = serve_scenario("workloads/scenarios/llama-2-70b-serving-conv.yaml")
+    records, summary = serve_scenario("workloads/scenarios/serving/llama-2-70b-conv.yaml")
     assert summary["completed"] == 2000 and len(records.iterations) == summary["iterations"]
-    assert main(["run", "workloads/scenarios/llama-2-70b-serving-conv.yaml", "--json"]) == 0
+    assert main(["run", "workloads/scenarios/serving/llama-2-70b-conv.yaml", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["completed"] == 2000
+
+
+def test_power_cap_keeps_memory_energy_per_byte():
+    """The cap slows the cores, not the memory: a byte moved costs the same energy."""
+    from simulator.cost.roofline import op_power_w
+
+    device = load_system(GPU).device
+    capped = power_capped(device, (device.power.idle + device.power.max) / 2)
+    nbytes, seconds = 1e9, 1e9 / device.main_memory.bandwidth
+    uncapped_w = op_power_w(device, 0.0, nbytes, device.compute["bf16"], seconds) - device.power.idle
+    capped_w = op_power_w(capped, 0.0, nbytes, capped.compute["bf16"], seconds) - capped.power.idle
+    assert capped_w == pytest.approx(uncapped_w, rel=1e-9)

@@ -57,10 +57,15 @@ def power_capped(device: Device, cap_w: float) -> Device:
                             f"({power.idle:g} W); a cap must lie between idle and max ({power.max:g} W)")
     s = ((cap_w - power.idle) / (power.max - power.idle)) ** (1.0 / 3.0)
     # A derived energy per FLOP, compute_share * (max - idle) / peak, already scales by
-    # s^3 / s = s^2 through the lowered max and peak; only an explicit one needs scaling.
+    # s^3 / s = s^2 through the lowered max and peak; only an explicit one needs scaling. Memory
+    # does not slow with the cores: its energy per byte is pinned at the uncapped value (derived
+    # from max - idle, it would otherwise fall by s^3 with the lowered max).
+    per_byte = (power.energy_per_byte if power.energy_per_byte is not None
+                else power.memory_share * (power.max - power.idle) / device.main_memory.bandwidth)
     new_power = power.model_copy(update={
         "max": cap_w,
         "energy_per_flop": None if power.energy_per_flop is None else power.energy_per_flop * s**2,
+        "energy_per_byte": per_byte,
     })
     return device.model_copy(update={
         "compute": {dtype: rate * s for dtype, rate in device.compute.items()},
