@@ -324,6 +324,8 @@ def test_power_budget_fits_more_capped_servers(capsys):
     {"disaggregated": True},
     {"rate": 300.0, "scheduler": SchedulerConfig(max_batch=16)},
     {"rate": 300.0, "scheduler": SchedulerConfig(policy="decode-priority", max_batch_tokens=2048)},
+    {"rate": 300.0, "scheduler": SchedulerConfig(policy="chunked", chunk_size=128)},
+    {"rate": 40.0, "scheduler": SchedulerConfig(policy="chunked", chunk_size=96), "attention": "naive"},
 ])
 def test_decode_runs_match_stepping_one_iteration_at_a_time(kwargs):
     """Costing decode-only stretches as one array (cut short by arrivals) changes nothing."""

@@ -53,6 +53,10 @@ class BlockManager:
                     return True
         return self.free >= needed
 
+    def can_reserve(self, blocks: int) -> bool:
+        """Whether ``blocks`` more can be taken (evicting unused cached prefixes if need be)."""
+        return blocks <= 0 or self._reclaim(blocks)
+
     def can_grow(self, request: int, tokens: int, shared: int = 0, reserve: int = 0) -> bool:
         """Whether ``request`` can hold ``tokens`` cached tokens (``shared`` of them in a group's
         prefix blocks) leaving ``reserve`` blocks free."""

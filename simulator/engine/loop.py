@@ -47,6 +47,9 @@ class _Run:
     ends: np.ndarray
     energies: np.ndarray
     blocks_used: np.ndarray
+    prefill: int = -1
+    """Chunked prefill: the request whose prompt takes a full chunk every iteration (-1: none)."""
+    chunk: int = 0
 
 
 @dataclass
@@ -244,12 +247,15 @@ class Simulation:
     def _start_run(self, replica: Replica, now: float) -> bool:
         """When nothing waits and every running request decodes, the next iterations are the same
         requests one token longer each, until one finishes: cost them as one array."""
-        if not replica.running or replica.pool == "prefill" or not self._head_blocked(replica):
+        if not replica.running or replica.pool == "prefill":
             return False
         ids = np.array(replica.running, dtype=np.int64)
-        cached, shared = self.cached[ids], self.shared[ids]
-        if np.any(cached < self.target[ids]):
+        prefilling = self.cached[ids] < self.target[ids]
+        if prefilling.any():
+            return self._start_chunked_run(replica, now, ids, prefilling)
+        if not self._head_blocked(replica):
             return False
+        cached, shared = self.cached[ids], self.shared[ids]
         steps = int(min((self.output[ids] - self.generated[ids]).min(), 1024))
         if steps < 2:
             return False
@@ -261,12 +267,56 @@ class Simulation:
                  // blocks.block_size)
         blocks_used = used + np.maximum(need - held[None, :], 0).sum(axis=1)
         seconds, energy = replica.cost.decode_run(cached + 1, steps)
-        ends = now + np.cumsum(seconds)
-        replica.run = _Run(ids, now, ends, energy, blocks_used)
+        self._begin_run(replica, now, _Run(ids, now, now + np.cumsum(seconds), energy, blocks_used))
+        return True
+
+    def _start_chunked_run(self, replica: Replica, now: float, ids: np.ndarray,
+                           prefilling: np.ndarray) -> bool:
+        """Chunked prefill with one prompt in progress that fills the budget left by the decodes
+        every iteration: until that prompt's last chunk, or a decode's last token, the iterations
+        are the same decodes one token longer and the next full chunk; nothing can be admitted
+        (no budget is left). Cost them as one array."""
+        if self.config.policy != "chunked" or int(prefilling.sum()) != 1:
+            return False
+        p = int(ids[prefilling][0])
+        decoders = ids[~prefilling]
+        chunk = self.config.token_budget - len(decoders)
+        if chunk <= 0 or self.group[p] >= 0:
+            return False
+        steps = (int(self.target[p] - self.cached[p]) - 1) // chunk  # every one a full chunk
+        if len(decoders):
+            steps = min(steps, int((self.output[decoders] - self.generated[decoders]).min()))
+        steps = min(steps, 1024)
+        if steps < 2:
+            return False
+        blocks = replica.blocks
+        cached, shared = self.cached[decoders], self.shared[decoders]
+        held, used = blocks.held[decoders].copy(), blocks.used
+        held_p = int(blocks.held[p])
+        final_p = int(self.cached[p]) + steps * chunk
+        extra_p = max(0, blocks.blocks_for(max(0, final_p - int(self.shared[p]))) - held_p)
+        extra = extra_p + int(np.maximum(-(-np.maximum(cached + steps - shared, 0) // blocks.block_size)
+                                         - held, 0).sum())
+        if not blocks.can_reserve(extra):
+            return False
+        blocks.grow_all(decoders, cached + steps, shared)
+        blocks.grow(p, final_p, int(self.shared[p]))
+        j = np.arange(1, steps + 1)
+        need = -(-np.maximum(cached[None, :] + j[:, None] - shared[None, :], 0) // blocks.block_size)
+        need_p = -(-np.maximum(int(self.cached[p]) + j * chunk - int(self.shared[p]), 0) // blocks.block_size)
+        blocks_used = (used + np.maximum(need - held[None, :], 0).sum(axis=1)
+                       + np.maximum(need_p - held_p, 0))
+        seconds, energy = replica.cost.chunked_run(cached + 1, chunk, int(self.cached[p]), steps)
+        self._begin_run(replica, now, _Run(decoders, now, now + np.cumsum(seconds), energy, blocks_used,
+                                           prefill=p, chunk=chunk))
+        return True
+
+    def _begin_run(self, replica: Replica, now: float, run: _Run) -> None:
+        ends = run.ends
+        replica.run = run
         replica.busy, replica.current = True, None
         replica.busy_s += float(ends[-1] - now)
         self._push(float(ends[-1]), _DONE, (replica, replica.version))
-        return True
 
     def _head_blocked(self, replica: Replica) -> bool:
         """Whether no waiting request can join before a running one finishes: the queue is empty,
@@ -310,24 +360,33 @@ class Simulation:
         n = len(ids)
         starts = np.concatenate([[run.start], run.ends[:-1]])
         durations = run.ends - starts
-        first = run.ends[0] - self.last_token[ids]
-        self.gaps.append(first)
-        if steps > 1:
-            self.gaps.append(np.tile(durations[1:], n))
-        self.tbt_max[ids] = np.maximum(self.tbt_max[ids], np.maximum(first, durations[1:].max(initial=0.0)))
-        self.cached[ids] += steps
-        self.generated[ids] += steps
-        self.last_token[ids] = run.ends[-1]
-        self.served_by[ids] = replica.index
-        self.energy[ids] += float(run.energies.sum()) / n
-        replica.outstanding_tokens -= steps * n
-        replica.blocks.fit_all(ids, self.cached[ids], self.shared[ids])
+        tokens = n + run.chunk
+        if n:
+            first = run.ends[0] - self.last_token[ids]
+            self.gaps.append(first)
+            if steps > 1:
+                self.gaps.append(np.tile(durations[1:], n))
+            self.tbt_max[ids] = np.maximum(self.tbt_max[ids],
+                                           np.maximum(first, durations[1:].max(initial=0.0)))
+            self.cached[ids] += steps
+            self.generated[ids] += steps
+            self.last_token[ids] = run.ends[-1]
+            self.served_by[ids] = replica.index
+            self.energy[ids] += float(run.energies.sum()) / tokens
+            replica.blocks.fit_all(ids, self.cached[ids], self.shared[ids])
+        replica.outstanding_tokens -= steps * tokens
+        if run.prefill >= 0:
+            p = run.prefill
+            self.cached[p] += steps * run.chunk
+            self.energy[p] += float(run.energies.sum()) * run.chunk / tokens
+            replica.blocks.fit_all(np.array([p]), self.cached[[p]], self.shared[[p]])
         base = len(self.iterations)
         power = np.divide(run.energies, durations, out=np.zeros(steps), where=durations > 0)
         total = replica.blocks.total
+        prefills = 1 if run.prefill >= 0 else 0
         self.iterations.extend(
-            (base + j, replica.index, replica.pool, float(starts[j]), float(run.ends[j]), 0, 0, n, n,
-             int(run.blocks_used[j]), total, float(power[j])) for j in range(steps))
+            (base + j, replica.index, replica.pool, float(starts[j]), float(run.ends[j]), prefills,
+             run.chunk, n, n, int(run.blocks_used[j]), total, float(power[j])) for j in range(steps))
         done = ids[self.generated[ids] >= self.output[ids]]
         for r in done.tolist():
             self._complete(replica, r, float(run.ends[-1]))

@@ -357,38 +357,61 @@ class ReplicaCost:
         """(seconds, joules) of each of ``steps`` decode-only iterations of the same requests, the
         first at ``contexts``, each step one token longer: ``iteration`` for every step, costed
         as arrays over the steps."""
+        return self.chunked_run(contexts, 0, 0, steps)
+
+    def chunked_run(self, contexts: np.ndarray, chunk: int, start: int,
+                    steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """``decode_run`` with, in every step, a prefill chunk of ``chunk`` tokens of one prompt
+        (the first starting at ``start``, each next one ``chunk`` further; none emits a token)."""
         contexts = np.asarray(contexts, dtype=np.int64)
         n = len(contexts)
-        if self.plan is not None and not self._plan_fast:
-            empty = np.zeros(0, dtype=np.int64)
-            pairs = [self.iteration(empty, empty, contexts + j, n) for j in range(steps)]
+        empty = np.zeros(0, dtype=np.int64)
+        if (self.plan is not None and not self._plan_fast) or (chunk and self._prefill_coef is None):
+            pairs = [self.iteration(np.array([chunk]) if chunk else empty,
+                                    np.array([start + j * chunk]) if chunk else empty, contexts + j, n)
+                     for j in range(steps)]
             return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
-        time_s = np.full(steps, float(self._token_time["both"][n - 1])
-                         + float(self._token_time["decode"][n - 1]))
-        energy = np.full(steps, float(self._token_energy["both"][n - 1])
-                         + float(self._token_energy["decode"][n - 1]))
-        outside_s = (float(self._token_outside["both"][0][n - 1])
-                     + float(self._token_outside["decode"][0][n - 1]))
-        for cost in self._head(n):
+        tokens = n + chunk
+        counts = {"both": tokens, "prefill": chunk, "decode": n}
+        time_s, energy, outside_s = np.zeros(steps), np.zeros(steps), 0.0
+        for part, count in counts.items():
+            if count:
+                time_s += float(self._token_time[part][count - 1])
+                energy += float(self._token_energy[part][count - 1])
+                outside_s += float(self._token_outside[part][0][count - 1])
+        for cost in self._head(n) if n else []:
             time_s += float(cost.total_s)
             energy += float(cost.total_energy_j)
             outside_s += float(cost.total_s)
         index = (contexts - 1)[None, :] + np.arange(steps)[:, None]  # steps x requests
-        if index.max() >= self.max_context:
+        if n and index.max() >= self.max_context:
             raise InferSimError(f"a context of {index.max() + 1} tokens exceeds the engine's table of "
                                 f"{self.max_context}")
-        for table in self._decode.values():
-            rows = table.rows[index]  # steps x requests x fields
+        chunks = None
+        if chunk:
+            starts = start + chunk * np.arange(steps, dtype=float)
+            chunks = self._features(np.full(steps, float(chunk)), starts)  # steps x features
+        for name in self._attention_names:
+            parts = []  # each steps x requests x fields
+            table = self._decode.get(name)
+            if table is not None and n:
+                parts.append(table.rows[index])
+            if chunks is not None and name in self._prefill_coef:  # type: ignore[operator]
+                parts.append((chunks @ self._prefill_coef[name])[:, None, :])  # type: ignore[index]
+            if not parts:
+                continue
+            rows = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+            template = self._templates[name]
             if self.per_request:
-                cost = cost_op(_op_from(table.template, np.moveaxis(rows, 2, 0)), self.device)
+                cost = cost_op(_op_from(template, np.moveaxis(rows, 2, 0)), self.device)
                 time_s += np.sum(cost.time_s, axis=1) * cost.op.count
                 energy += np.sum(cost.energy_j, axis=1) * cost.op.count
             else:
-                cost = cost_op(_op_from(table.template, rows.sum(axis=1).T), self.device)
+                cost = cost_op(_op_from(template, rows.sum(axis=1).T), self.device)
                 time_s += cost.time_s * cost.op.count
                 energy += cost.energy_j * cost.op.count
         if self.plan is not None:
-            return self._one_stage(n, time_s - outside_s, outside_s, energy)
+            return self._one_stage(tokens, time_s - outside_s, outside_s, energy)
         return time_s + self.step_overhead_s, energy + self.step_overhead_s * self.device.power.idle
 
     def prefill_alone_s(self, prompt: int) -> float:
