@@ -48,10 +48,16 @@ import yaml
 from simulator.errors import InferSimError
 from simulator.graph.ops import Op
 from simulator.graph.transformer import Precision, StepShape, build_step
-from simulator.specs.hardware import Device, DeviceEfficiency
+from simulator.specs.hardware import Device, DeviceEfficiency, GemmTiling
 from simulator.specs.model import ModelSpec
 from simulator.strategies.parallel import WORKER_KINDS
 
+# BLAS on a CPU splits a GEMM's rows between the cores in blocks of its register tile (4 to 16
+# rows of float32), not in GPU thread-block tiles of 64-256 rows: with the GPU list over two
+# "compute units", a 129-row GEMM costs as much as a 192-row one, a step OpenBLAS does not take
+# (measured +3% from 128 to 129 prompt tokens). The GEMM points include row counts between the
+# powers of two so that the fit sees where the steps are.
+HOST_TILES = ((4, 256), (8, 256), (16, 256))
 HOST_KINDS = ("gemm", "gemv", "norm", "rope", "activation", "embedding", "elementwise", "cache_write",
               "attention", "softmax", "sampling")
 NAIVE_ATTENTION = ("attention_scores", "attention_softmax", "attention_values")
@@ -254,7 +260,9 @@ def gemm_cases(host: Machine, quick: bool) -> Iterator[tuple[str, int, np.ndarra
     """(projection, rows, input, weight copies) of every GEMM point: the calibration model's
     projections at many token counts, weights rotated through more than the last-level cache."""
     rng = np.random.default_rng(0)
-    m_values = [1, 4, 16, 64, 256, 1024] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+    m_values = ([1, 3, 4, 16, 24, 64, 96, 256, 384, 1024] if quick else
+                [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536,
+                 2048])
     cache = host.l3_bytes or 32 * 2**20
     for name in ("qkv_proj", "o_proj", "mlp_up_proj", "mlp_down_proj"):
         _, n, k = _ops_at(1)[name].shape  # type: ignore[misc]
@@ -601,6 +609,11 @@ def fit_dequantize(device: Device, points: Points) -> tuple[Device, dict[str, An
     return fitted, {**info, "points": points.raw}
 
 
+def host_tiling() -> GemmTiling:
+    """The CPU's GEMM tiles (``HOST_TILES``), no split-k; the rates are fitted."""
+    return GemmTiling(tiles=HOST_TILES, split_k=(1,))
+
+
 def fit_host(device: Device, points: Points, executor_dispatch: dict[str, float]) -> tuple[Device, dict]:
     """The host's efficiencies fitted to its microbenchmark points.
 
@@ -653,7 +666,7 @@ def refit(out: Path) -> int:
     if not isinstance(fit, dict) or "points" not in fit or "executor_dispatch" not in fit:
         raise InferSimError(f"{out}: not a file written by infersim calibrate (no efficiency.fit.points)")
     device = load_device(out)
-    base = device.model_copy(update={"efficiency": DeviceEfficiency()})
+    base = device.model_copy(update={"efficiency": DeviceEfficiency(gemm=host_tiling())})
     fitted, info = fit_host(base, points_from_raw(fit["points"]), fit["executor_dispatch"])
     if isinstance(fit.get("dequantize"), dict) and fit["dequantize"].get("points"):
         fitted, dequantize = fit_dequantize(fitted, points_from_raw(fit["dequantize"]["points"]))
@@ -854,6 +867,7 @@ def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
         "power": {"idle": 0.0, "max": 1.0, "provenance": "not measured: placeholder power range"},
     }
     device = Device.model_validate(base)
+    device = device.model_copy(update={"efficiency": DeviceEfficiency(gemm=host_tiling())})
     progress(f"fitting {len(points.ops)} points")
     fitted, info = fit_host(device, points, executor_dispatch)
     progress("KV dequantization")

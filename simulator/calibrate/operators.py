@@ -76,13 +76,17 @@ def device_with(base: Device, x: np.ndarray, provenance: str, fit: dict | None =
     names = [p[0] for p in device_params(kinds, call_overhead=call_overhead)]
     values = dict(zip(names, map(float, x), strict=True))
     call = 10 ** values["log10_gemm_call_overhead_s"] if call_overhead else 0.0
+    # The tile shapes are the kernel library's, not fitted: a base that names them keeps them.
+    given = base.efficiency.gemm
+    tiling = {} if given is None else {"tiles": given.tiles, "split_k": given.split_k}
     efficiency = DeviceEfficiency(
         compute=base.efficiency.compute,
         memory=base.efficiency.memory,
         kernel_overhead=10 ** values["log10_kernel_overhead_s"],
         gemm=GemmTiling(efficiency=values["gemm_efficiency"],
                         operand_bandwidth=10 ** values["log10_operand_bandwidth"],
-                        tile_overhead=10 ** values["log10_tile_overhead_s"], call_overhead=call),
+                        tile_overhead=10 ** values["log10_tile_overhead_s"], call_overhead=call,
+                        **tiling),
         kernels={kind: KernelEfficiency(bandwidth=values[f"{kind}_bandwidth"],
                                         half_size=10 ** values[f"log10_{kind}_half_bytes"],
                                         floor=10 ** values[f"log10_{kind}_floor_s"])
