@@ -12,7 +12,9 @@ Public API::
                        kv_policy=simulator.KVPolicy("h2o", 0.2))
     simulator.search_plan("opt-30b", "workstation-4090", output_len=32)   # infersim plan
     simulator.run_scenario("workloads/scenarios/llama-7b-a100-h2o.yaml")  # infersim run
-    simulator.sweep({"model": ["llama-2-7b", "llama-3.1-8b"], "batch": {"range": [1, 64]}})  # infersim sweep
+    study = simulator.sweep({"model": ["llama-2-7b", "llama-3.1-8b"], "batch": {"range": [1, 64]}})
+    simulator.pareto_front(study, {"tpot_s": "min", "throughput_tokens_per_s": "max"})
+    simulator.best_plan(study, slo_ttft_s=1.0, slo_tpot_s=0.05, objective="cost")  # infersim sweep --best
 """
 
 from simulator.errors import DoesNotFitError, InferSimError, SpecError, UnsupportedError
@@ -25,7 +27,7 @@ from simulator.strategies.offload import OffloadPlan
 from simulator.strategies.parallel import ParallelPlan
 from simulator.strategies.plan import search as search_plan
 from simulator.strategies.speculative import Speculation
-from simulator.study import sweep
+from simulator.study import best_plan, pareto_front, sweep
 
 __all__ = [
     "DoesNotFitError",
@@ -37,10 +39,12 @@ __all__ = [
     "SpecError",
     "Speculation",
     "UnsupportedError",
+    "best_plan",
     "estimate",
     "load_device",
     "load_model",
     "load_system",
+    "pareto_front",
     "run_scenario",
     "search_plan",
     "sweep",

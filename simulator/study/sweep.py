@@ -287,7 +287,8 @@ def sweep(axes: Mapping[str, Any] | None = None,
           rows: pd.DataFrame | Sequence[Mapping[str, Any]] | None = None, *,
           fast: bool = True, progress: bool | None = None, scheduler: Any = None,
           workers: int | None = None, chunks: str | Path | None = None,
-          chunk_size: int = 50_000) -> pd.DataFrame:
+          chunk_size: int = 50_000,
+          prices: Mapping[str, Any] | str | Path | bool | None = None) -> pd.DataFrame:
     """``estimate`` over the cross product of ``axes`` or over ``rows``: one row per configuration.
 
     ``axes`` maps option names (``infersim estimate``'s flags: ``model``, ``hardware``, ``batch``,
@@ -301,11 +302,22 @@ def sweep(axes: Mapping[str, Any] | None = None,
     ``dask.distributed.Client``. ``chunks`` keeps each finished chunk as a Parquet file in that
     folder, and a sweep run again with the same folder reads them instead of recomputing them
     (with or without a scheduler).
+
+    ``prices`` (device name -> USD per device-hour, or a prices YAML; default the shipped
+    ``hardware_specs/prices.yaml``) adds ``devices``, ``usd_per_device_hour``,
+    ``cost_usd_per_million_tokens`` and ``cost_note`` (``cost.add_cost``); ``prices=False`` leaves
+    them out.
     """
     configs = configurations(axes, rows)
     if scheduler is None and chunks is None:
-        return evaluate(configs, fast=fast, progress=progress)
-    from simulator.study.cluster import run_chunks
+        frame = evaluate(configs, fast=fast, progress=progress)
+    else:
+        from simulator.study.cluster import run_chunks
 
-    return run_chunks(configs, None if chunks is None else Path(chunks), chunk_size=chunk_size,
-                      scheduler=scheduler, workers=workers, fast=fast, progress=progress)
+        frame = run_chunks(configs, None if chunks is None else Path(chunks), chunk_size=chunk_size,
+                           scheduler=scheduler, workers=workers, fast=fast, progress=progress)
+    if prices is False:
+        return frame
+    from simulator.study.cost import add_cost
+
+    return add_cost(frame, None if prices is True else prices)
