@@ -1,7 +1,7 @@
 """Time a sweep of a million configurations, a loop of single estimates and the peers on PyPI.
 
-    python docs/bench_sweep.py                      # 1,000,000 configurations (batch 1..1000)
-    python docs/bench_sweep.py --batch-step 20      # every 20th batch: 50,000, same spread
+    python -m docs.bench_sweep                      # 1,000,000 configurations (batch 1..1000)
+    python -m docs.bench_sweep --batch-step 20      # every 20th batch: 50,000, same spread
 
 The grid: llama-2-7b on a100-80gb-sxm, batch 1..1000 x 10 prompt lengths x 100 output lengths
 (8..800), every other option at its default. The sweep (``simulator.sweep``, groups costed as
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -25,6 +24,7 @@ import warnings
 import numpy as np
 
 import simulator
+from docs.bench_estimate import cpu_model
 from simulator.study.options import configurations
 from simulator.study.sweep import evaluate
 
@@ -32,15 +32,6 @@ INPUT_LENS = [64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072]
 AXES = {"model": "llama-2-7b", "hardware": "a100-80gb-sxm", "input_len": INPUT_LENS,
         "output_len": {"range": [8, 800], "step": 8}}
 
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def per_config_s(call, sample: list[tuple[int, int, int]]) -> tuple[float, int]:

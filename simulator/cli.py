@@ -138,17 +138,11 @@ def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
 
     options = _kv_options(args)
     if args.draft_model:
-        from simulator.strategies.speculative import Speculation
+        from simulator.strategies.speculative import Speculation, parse_profile
 
-        profile = None
-        if args.spec_profile:
-            try:
-                profile = tuple(float(a) for a in args.spec_profile.split(","))
-            except ValueError:
-                raise InferSimError(f"--spec-profile {args.spec_profile!r}: give comma-separated "
-                                    "acceptance rates, e.g. 0.9,0.8,0.7,0.6") from None
-        options["speculative"] = Speculation(args.draft_model, args.spec_gamma, args.spec_alpha, profile,
-                                             args.draft_hardware, args.draft_kv_budget)
+        options["speculative"] = Speculation(args.draft_model, args.spec_gamma, args.spec_alpha,
+                                             parse_profile(args.spec_profile), args.draft_hardware,
+                                             args.draft_kv_budget)
     elif args.spec_profile or args.draft_hardware or args.draft_kv_budget:
         raise InferSimError("--spec-profile, --draft-hardware and --draft-kv-budget need --draft-model")
     if (args.tp, args.pp, args.ep, args.dp, args.micro_batches) != (1, 1, 1, 1, None) \

@@ -40,6 +40,15 @@ class BlockManager:
     def blocks_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.block_size)
 
+    def needed(self, tokens: np.ndarray, shared: np.ndarray | int = 0) -> np.ndarray:
+        """Own blocks for ``tokens`` cached tokens, ``shared`` of them in a group's prefix
+        (elementwise over arrays)."""
+        return -(-np.maximum(tokens - shared, 0) // self.block_size)
+
+    def growth(self, held: np.ndarray | int, tokens: np.ndarray, shared: np.ndarray | int = 0) -> np.ndarray:
+        """Blocks beyond ``held`` that ``tokens`` cached tokens need (elementwise)."""
+        return np.maximum(self.needed(tokens, shared) - held, 0)
+
     def _reclaim(self, needed: int) -> bool:
         """Evict unused cached prefixes (oldest first) until ``needed`` blocks are free."""
         if self.free >= needed:
@@ -74,8 +83,7 @@ class BlockManager:
     def grow_all(self, requests: np.ndarray, tokens: np.ndarray, shared: np.ndarray) -> bool:
         """Grow every request at once if the blocks suffice (the common decode step); False,
         changing nothing, if they do not."""
-        need = -(-np.maximum(tokens - shared, 0) // self.block_size)
-        extra = np.maximum(need - self.held[requests], 0)
+        extra = self.growth(self.held[requests], tokens, shared)
         total = int(extra.sum())
         if total and not self._reclaim(total):
             return False
@@ -85,8 +93,7 @@ class BlockManager:
 
     def fit_all(self, requests: np.ndarray, tokens: np.ndarray, shared: np.ndarray) -> None:
         """Give back blocks held beyond what ``tokens`` cached tokens need (a run cut short)."""
-        need = -(-np.maximum(tokens - shared, 0) // self.block_size)
-        surplus = np.maximum(self.held[requests] - need, 0)
+        surplus = np.maximum(self.held[requests] - self.needed(tokens, shared), 0)
         self.held[requests] -= surplus
         self.free += int(surplus.sum())
 

@@ -129,17 +129,10 @@ def _run(args: argparse.Namespace, workload: Any):
                              prefix_caching=not args.no_prefix_caching)
     speculative = None
     if args.draft_model:
-        from simulator.strategies.speculative import Speculation
+        from simulator.strategies.speculative import Speculation, parse_profile
 
-        profile = None
-        if args.spec_profile:
-            try:
-                profile = tuple(float(a) for a in args.spec_profile.split(","))
-            except ValueError:
-                raise InferSimError(f"--spec-profile {args.spec_profile!r}: give comma-separated "
-                                    "acceptance rates, e.g. 0.9,0.8,0.7,0.6") from None
-        speculative = Speculation(args.draft_model, args.spec_gamma, args.spec_alpha, profile,
-                                  None, args.draft_kv_budget)
+        speculative = Speculation(args.draft_model, args.spec_gamma, args.spec_alpha,
+                                  parse_profile(args.spec_profile), None, args.draft_kv_budget)
     plan = None
     if (args.tp, args.pp, args.dp, args.micro_batches, args.overlap) != (1, 1, 1, None, "none"):
         plan = ParallelPlan(tp=args.tp, pp=args.pp, dp=args.dp, micro_batches=args.micro_batches,

@@ -263,9 +263,8 @@ class Simulation:
         held, used = blocks.held[ids].copy(), blocks.used
         if not blocks.grow_all(ids, cached + steps, shared):
             return False
-        need = -(-np.maximum(cached[None, :] + np.arange(1, steps + 1)[:, None] - shared[None, :], 0)
-                 // blocks.block_size)
-        blocks_used = used + np.maximum(need - held[None, :], 0).sum(axis=1)
+        step_tokens = cached[None, :] + np.arange(1, steps + 1)[:, None]
+        blocks_used = used + blocks.growth(held[None, :], step_tokens, shared[None, :]).sum(axis=1)
         seconds, energy = replica.cost.decode_run(cached + 1, steps)
         self._begin_run(replica, now, _Run(ids, now, now + np.cumsum(seconds), energy, blocks_used))
         return True
@@ -293,20 +292,18 @@ class Simulation:
         cached, shared = self.cached[decoders], self.shared[decoders]
         held, used = blocks.held[decoders].copy(), blocks.used
         held_p = int(blocks.held[p])
-        final_p = int(self.cached[p]) + steps * chunk
-        extra_p = max(0, blocks.blocks_for(max(0, final_p - int(self.shared[p]))) - held_p)
-        extra = extra_p + int(np.maximum(-(-np.maximum(cached + steps - shared, 0) // blocks.block_size)
-                                         - held, 0).sum())
+        cached_p, shared_p = int(self.cached[p]), int(self.shared[p])
+        final_p = cached_p + steps * chunk
+        extra = int(blocks.growth(held_p, final_p, shared_p)
+                    + blocks.growth(held, cached + steps, shared).sum())
         if not blocks.can_reserve(extra):
             return False
         blocks.grow_all(decoders, cached + steps, shared)
-        blocks.grow(p, final_p, int(self.shared[p]))
+        blocks.grow(p, final_p, shared_p)
         j = np.arange(1, steps + 1)
-        need = -(-np.maximum(cached[None, :] + j[:, None] - shared[None, :], 0) // blocks.block_size)
-        need_p = -(-np.maximum(int(self.cached[p]) + j * chunk - int(self.shared[p]), 0) // blocks.block_size)
-        blocks_used = (used + np.maximum(need - held[None, :], 0).sum(axis=1)
-                       + np.maximum(need_p - held_p, 0))
-        seconds, energy = replica.cost.chunked_run(cached + 1, chunk, int(self.cached[p]), steps)
+        decoding = blocks.growth(held[None, :], cached[None, :] + j[:, None], shared[None, :]).sum(axis=1)
+        blocks_used = used + decoding + blocks.growth(held_p, cached_p + j * chunk, shared_p)
+        seconds, energy = replica.cost.chunked_run(cached + 1, chunk, cached_p, steps)
         self._begin_run(replica, now, _Run(decoders, now, now + np.cumsum(seconds), energy, blocks_used,
                                            prefill=p, chunk=chunk))
         return True

@@ -21,6 +21,17 @@ from simulator.errors import InferSimError
 from simulator.specs.model import ModelSpec
 
 
+def parse_profile(text: str | None) -> tuple[float, ...] | None:
+    """``--spec-profile``'s comma-separated acceptance rates (``None`` when not given)."""
+    if not text:
+        return None
+    try:
+        return tuple(float(a) for a in text.split(","))
+    except ValueError:
+        raise InferSimError(f"--spec-profile {text!r}: give comma-separated acceptance rates, "
+                            "e.g. 0.9,0.8,0.7,0.6") from None
+
+
 @dataclass(frozen=True)
 class Speculation:
     draft: str | Path | ModelSpec
