@@ -181,6 +181,18 @@ def _tier_does_not_fit(model: ModelSpec, system: System, tiers: dict, plan: Offl
     return None
 
 
+def stage_weight_bytes(plan: ParallelPlan, model: ModelSpec, shard_weights: float,
+                       precision: Precision) -> float:
+    """Weights on one device of the busiest stage, from its shard's weights over all layers: the
+    stage's share of the layers, plus the embedding and the head (the larger of the two when
+    pipeline stages split them)."""
+    frac = plan.stage_layers(model) / model.num_layers
+    embed = model.embedding_params() * precision.act_bytes
+    head = model.lm_head_params() * precision.act_bytes
+    outside = embed + head if plan.pp == 1 else max(embed, head)
+    return frac * (shard_weights - embed - head) + outside
+
+
 def parallel_memory(plan: ParallelPlan, model: ModelSpec, kept_model: ModelSpec, device: Device,
                     precision: Precision, batch: int, input_len: int, output_len: int,
                     prefill_costs: list[OpCost]) -> MemoryUse:
@@ -191,10 +203,7 @@ def parallel_memory(plan: ParallelPlan, model: ModelSpec, kept_model: ModelSpec,
     sequences = batch // (plan.dp * plan.attention_groups)
     use = memory_use(shard, device, precision, sequences, input_len, output_len, prefill_costs, kept)
     frac = plan.stage_layers(model) / model.num_layers
-    embed = model.embedding_params() * precision.act_bytes
-    head = model.lm_head_params() * precision.act_bytes
-    outside = embed + head if plan.pp == 1 else max(embed, head)
-    return dataclasses.replace(use, weights=frac * (use.weights - embed - head) + outside,
+    return dataclasses.replace(use, weights=stage_weight_bytes(plan, model, use.weights, precision),
                                kv_cache=frac * use.kv_cache)
 
 

@@ -19,7 +19,7 @@ from simulator.engine.scheduler import SchedulerConfig
 from simulator.engine.stepcost import ReplicaCost, power_capped
 from simulator.engine.workload import Workload
 from simulator.errors import DoesNotFitError, InferSimError
-from simulator.estimate import resolve_precision
+from simulator.estimate import resolve_precision, stage_weight_bytes
 from simulator.graph.ops import avg
 from simulator.graph.transformer import (
     AttentionImpl,
@@ -53,11 +53,8 @@ def replica_memory(model: ModelSpec, system: System, precision: Precision, plan:
     shard = plan.device_model(model) if plan is not None else model
     frac = plan.stage_layers(model) / model.num_layers if plan is not None else 1.0
     weights = weight_bytes(shard, precision)
-    embed = model.embedding_params() * precision.act_bytes
-    head = model.lm_head_params() * precision.act_bytes
     if plan is not None:
-        outside = embed + head if plan.pp == 1 else max(embed, head)
-        weights = frac * (weights - embed - head) + outside
+        weights = stage_weight_bytes(plan, model, weights, precision)
     ops = build_step(shard, StepShape("prefill", 1, max_tokens, float(max_tokens)), precision)
     activations = (max_tokens * model.hidden_size * precision.act_bytes
                    + max(avg(op.activation_bytes) for op in ops if not op.name.startswith("attention")))
