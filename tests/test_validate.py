@@ -88,3 +88,37 @@ def test_calibration_passes_keep_each_points_fastest():
     other.add(ops["qkv_proj"], 1.0)
     with pytest.raises(ValueError):
         first.best_of(other)
+
+
+def test_a_packing_blas_adds_weight_stream_to_math_but_not_for_one_row():
+    from simulator.calibrate.host import _ops_at, host_tiling
+    from simulator.cost.roofline import cost_op
+    from simulator.specs.hardware import DeviceEfficiency, KernelEfficiency
+    from simulator.specs.loader import load_device
+
+    base = load_device("hardware_specs/local/epyc-2core.yaml")
+    kernels = {"gemm": KernelEfficiency(bandwidth=1.0, half_size=0.0, floor=0.0),
+               "gemv": KernelEfficiency(bandwidth=1.0, half_size=0.0, floor=0.0)}
+    packed_tiling = host_tiling()
+    assert packed_tiling.pack_pass
+    devices = {pack: base.model_copy(update={"efficiency": DeviceEfficiency(
+        kernel_overhead=0.0, kernels=kernels, gemm=packed_tiling.model_copy(update={"pack_pass": pack}))})
+        for pack in (False, True)}
+    for rows in (8, 32, 512):
+        op = _ops_at(rows)["qkv_proj"]
+        plain, packed = cost_op(op, devices[False]), cost_op(op, devices[True])
+        assert packed.time_s == pytest.approx(plain.compute_s + plain.memory_s)
+        assert packed.time_s > plain.time_s
+    one_row = _ops_at(1)["qkv_proj"]
+    assert cost_op(one_row, devices[True]).time_s == pytest.approx(cost_op(one_row, devices[False]).time_s)
+
+
+def test_kernels_are_timed_after_a_cache_of_gemms():
+    from simulator.calibrate.host import AfterGemm
+
+    cache = 8 * 2**20
+    context = AfterGemm(cache, hidden=256, width=1024)  # 1 MiB of weights a GEMM
+    assert context.per_flush == 8 and len(context.weights) >= 16
+    calls = []
+    context.time(lambda: calls.append(context.turn), repeats=3)
+    assert calls == [0, 8, 16, 24]  # the warm-up call, then each timed call after 8 fresh GEMMs

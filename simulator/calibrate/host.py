@@ -52,12 +52,16 @@ from simulator.specs.hardware import Device, DeviceEfficiency, GemmTiling
 from simulator.specs.model import ModelSpec
 from simulator.strategies.parallel import WORKER_KINDS
 
-# BLAS on a CPU splits a GEMM's rows between the cores in blocks of its register tile (4 to 16
-# rows of float32), not in GPU thread-block tiles of 64-256 rows: with the GPU list over two
-# "compute units", a 129-row GEMM costs as much as a 192-row one, a step OpenBLAS does not take
-# (measured +3% from 128 to 129 prompt tokens). The GEMM points include row counts between the
-# powers of two so that the fit sees where the steps are.
-HOST_TILES = ((4, 256), (8, 256), (16, 256))
+# BLAS on a CPU splits a GEMM's rows between the cores in blocks of its register tile, not in
+# GPU thread-block tiles of 64-256 rows: with the GPU list over two "compute units", a 129-row
+# GEMM costs as much as a 192-row one, a step OpenBLAS does not take (measured +3% from 128 to
+# 129 prompt tokens). One 8-row tile: OpenBLAS's float32 kernel on the 2-core EPYC runs 8 rows
+# faster than 4 (0.50 against 0.61 ms for 2048 x 1024), so a 4-row tile only let the fit price
+# 2-4 rows below 8; 4- and 16-row tiles besides (commit a04d825) fitted the GEMM points at a
+# median 8.9% / p90 26%, this one at 5.0% / 13.8% (with the peak measured and the weights
+# packed, ``host_tiling``). The GEMM points include row counts between the powers of two so
+# that the fit sees where the steps are.
+HOST_TILES = ((8, 256),)
 HOST_KINDS = ("gemm", "gemv", "norm", "rope", "activation", "embedding", "elementwise", "cache_write",
               "attention", "softmax", "sampling")
 NAIVE_ATTENTION = ("attention_scores", "attention_softmax", "attention_values")
@@ -186,21 +190,29 @@ def median_time(fn: Callable[[], object], min_repeats: int = 5, min_seconds: flo
 
 
 class AfterGemm:
-    """Times a kernel as it runs inside a model: right after a GEMM on weights not in cache.
+    """Times a kernel as it runs inside a model: right after a GEMM, with the caches flushed.
 
     In a step every norm, add or attention follows a projection whose weights have just
-    streamed through the caches, with the BLAS threads still awake. Timed alone, in a loop
-    over hot buffers, the same kernel runs faster than it does in the model.
+    streamed through the caches, with the BLAS threads still awake, and between two calls of
+    the same kernel a whole layer's weights (more than the last-level cache in any model worth
+    simulating) have streamed by: the Python and numpy code and data a small kernel touches are
+    no longer cached. Timed alone, in a loop over hot buffers, the same kernel runs 1.5-5x
+    faster than it does in the model (2-core EPYC, 2026-11-24: the executor's top-k routing
+    22 us hot, 31 us after one 4 MiB GEMM, 99 us after 32 MiB of them, 74 us inside
+    ``tiny-moe-140m``'s decode). ``time`` therefore streams ``flush`` x the last-level cache of
+    weights (decode-shaped GEMMs) before each timed call, ending with the GEMM just before it.
     """
 
     def __init__(self, cache_bytes: int, hidden: int = 1024, width: int = 2816, rows: int = 1,
-                 spill: int = 2, seed: int = 3):
+                 spill: int = 2, seed: int = 3, flush: float = 1.0):
         from validation.executor.numpy_backend import NumpyBackend
 
         rng = np.random.default_rng(seed)
         self.backend = NumpyBackend()
-        copies = max(2, int(np.ceil(spill * cache_bytes / (hidden * width * 4))))
+        size = hidden * width * 4
+        copies = max(2, int(np.ceil(max(spill, flush + 1) * cache_bytes / size)))
         self.weights = [rng.standard_normal((hidden, width), dtype=np.float32) for _ in range(copies)]
+        self.per_flush = max(1, int(np.ceil(flush * cache_bytes / size)))
         self.x = rng.standard_normal((rows, hidden), dtype=np.float32)
         self.turn = 0
 
@@ -213,7 +225,8 @@ class AfterGemm:
         fn()
         times = []
         for _ in range(repeats):
-            self.gemm()
+            for _ in range(self.per_flush):
+                self.gemm()
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
@@ -290,6 +303,11 @@ def bench_gemms(points: Points, host: Machine, quick: bool,
         points.add(_ops_at(m)[name], seconds, m=m, n=n, k=k)
 
 
+def _copies(nbytes: int, host: Machine, spill: int = 2) -> int:
+    """How many copies of an ``nbytes`` input to rotate through so none is read from cache."""
+    return max(2, int(np.ceil(spill * (host.l3_bytes or 32 * 2**20) / max(nbytes, 1))))
+
+
 def bench_kernels(points: Points, host: Machine, quick: bool) -> None:
     """Every non-GEMM kernel of the numpy executor, through its own functions, each timed
     right after a GEMM as in a model (``AfterGemm``)."""
@@ -331,16 +349,31 @@ def bench_kernels(points: Points, host: Machine, quick: bool) -> None:
     for batch, length in ([(1, 256), (8, 1024), (1, 4096)] if quick else
                            [(1, 64), (1, 512), (1, 4096), (8, 256), (8, 2048), (32, 1024)]):
         q = rng.standard_normal((batch, kv, heads // kv, 1, d), dtype=np.float32)
-        keys = rng.standard_normal((batch, kv, length, d), dtype=np.float32)
-        values = rng.standard_normal((batch, kv, length, d), dtype=np.float32)
-        seconds = context.time(lambda: backend.attention(q, keys, values, length - 1, 0, None),
-                               9 if quick else 15)
+        # A layer's K and V are read once a step, never from cache: copies rotated through
+        # twice the last-level cache.
+        copies = _copies(2 * batch * kv * length * d * 4, host)
+        keys = [rng.standard_normal((batch, kv, length, d), dtype=np.float32) for _ in range(copies)]
+        values = [rng.standard_normal((batch, kv, length, d), dtype=np.float32) for _ in range(copies)]
+        turn = iter(range(10**9))
+
+        def decode_attention() -> object:
+            i = next(turn) % copies
+            return backend.attention(q, keys[i], values[i], length - 1, 0, None)
+
+        seconds = context.time(decode_attention, 9 if quick else 15)
         ops = _ops_at(batch, context=length)
         points.add(tuple(ops[n] for n in NAIVE_ATTENTION), seconds, batch=batch, context=length)
     for new in [64, 512] if quick else [32, 128, 512, 1024, 2048]:
         q = rng.standard_normal((1, kv, heads // kv, new, d), dtype=np.float32)
-        keys = rng.standard_normal((1, kv, new, d), dtype=np.float32)
-        seconds = context.time(lambda: backend.attention(q, keys, keys, 0, 0, None), 5 if quick else 9)
+        copies = _copies(kv * new * d * 4, host)
+        keys = [rng.standard_normal((1, kv, new, d), dtype=np.float32) for _ in range(copies)]
+        turn = iter(range(10**9))
+
+        def prefill_attention() -> object:
+            k = keys[next(turn) % copies]
+            return backend.attention(q, k, k, 0, 0, None)
+
+        seconds = context.time(prefill_attention, 5 if quick else 9)
         ops = _ops_at(1, phase="prefill", new=new)
         points.add(tuple(ops[n] for n in NAIVE_ATTENTION), seconds, prefill_tokens=new)
 
@@ -371,6 +404,24 @@ def bench_executor_dispatch() -> dict[str, float]:
     kernels = result["kernels_per_step"]["decode"]
     return {"dispatch_s_per_step": dispatch, "kernels_per_step": kernels,
             "dispatch_s_per_kernel": dispatch / kernels}
+
+
+def bench_peak(quick: bool) -> dict[str, float]:
+    """The host's fp32 GEMM rate: the best of square products on cache-resident operands.
+
+    ``/proc/cpuinfo``'s clock is the nominal one; the cores boost above it (2-core EPYC VM,
+    2026-11-24: 188 GFLOPS measured at 2048 rows against 156.5 from 2 x 2.445 GHz x 32), so a
+    peak taken from the clock alone left the GEMM fit no way to reach the large-GEMM points.
+    """
+    rng = np.random.default_rng(6)
+    best = 0.0
+    for n in (512, 1024) if quick else (512, 1024, 1536):
+        a = rng.standard_normal((n, n), dtype=np.float32)
+        b = rng.standard_normal((n, n), dtype=np.float32)
+        c = np.empty((n, n), np.float32)
+        seconds = median_time(lambda: np.matmul(a, b, out=c), min_repeats=5, min_seconds=0.2)
+        best = max(best, 2.0 * n**3 / seconds)
+    return {"gemm_flops": best}
 
 
 def bench_dispatch() -> float:
@@ -610,8 +661,11 @@ def fit_dequantize(device: Device, points: Points) -> tuple[Device, dict[str, An
 
 
 def host_tiling() -> GemmTiling:
-    """The CPU's GEMM tiles (``HOST_TILES``), no split-k; the rates are fitted."""
-    return GemmTiling(tiles=HOST_TILES, split_k=(1,))
+    """The CPU's GEMM tiles (``HOST_TILES``), no split-k, weights packed in a pass of their own
+    (OpenBLAS copies each weight panel before computing on it: on the 2-core EPYC the 16-64-row
+    projections take the weight stream plus the math, 0.34 ms + 21.9 us a row for 2048 x 1024,
+    not the larger of the two); the rates are fitted."""
+    return GemmTiling(tiles=HOST_TILES, split_k=(1,), pack_pass=True)
 
 
 def fit_host(device: Device, points: Points, executor_dispatch: dict[str, float]) -> tuple[Device, dict]:
@@ -695,6 +749,7 @@ def _efficiency_fields(eff: DeviceEfficiency) -> dict[str, Any]:
             "efficiency": round(eff.gemm.efficiency, 4),
             "operand_bandwidth": f"{(eff.gemm.operand_bandwidth or 0) / gb:.4g} GB/s",
             "tile_overhead": f"{eff.gemm.tile_overhead * 1e6:.4g} us",
+            "pack_pass": eff.gemm.pack_pass,
         },
         "kernels": {
             kind: {"bandwidth": round(k.bandwidth, 4), "half_size": f"{k.half_size / 1e6:.4g} MB",
@@ -830,6 +885,8 @@ def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
     layer_reads: list[dict[str, Any]] = []
     overlaps: list[dict[str, Any]] = []
     files = LayerFiles(Path(scratch or tempfile.gettempdir()), quick)
+    progress("peak GEMM rate")
+    measured_peak = bench_peak(quick)
     for index in range(passes):
         label = f" (pass {index + 1} of {passes})"
         progress("dispatch cost" + label)
@@ -856,9 +913,10 @@ def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
     disk.update({"read_into_buffer": read_into_buffer, "read_overlap": read_overlap})
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
 
+    peak = max(host.peak_fp32, measured_peak["gemm_flops"])
     base = {
         "kind": "device", "name": name, "vendor": "host", "type": "cpu",
-        "compute": {"fp32": host.peak_fp32, "fp64": host.peak_fp32 / 2},
+        "compute": {"fp32": peak, "fp64": peak / 2},
         "memory": [{"name": "dram", "capacity": float(host.memory_bytes), "bandwidth": dram,
                     "latency": 100e-9}],
         "cache": float(host.l3_bytes) if host.l3_bytes else None,
@@ -876,7 +934,8 @@ def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
     shared = bench_shared(quick, host.cores, fitted)
 
     command = "infersim calibrate --out OUT" + (" --quick" if quick else "")
-    info = {**info, "executor_dispatch": executor_dispatch, "passes": passes}
+    info = {**info, "executor_dispatch": executor_dispatch, "passes": passes,
+            "measured_peak_flops": measured_peak["gemm_flops"]}
     document = _yaml_document(fitted, info, host, command, quick, stream, dram, dispatch, disk,
                               shared, points, load_before, load_after)
     return document, fitted
@@ -922,7 +981,11 @@ def _yaml_document(fitted: Device, info: dict[str, Any], host: Machine, command:
                 "date": dt.datetime.now().isoformat(timespec="seconds"),
                 "machine": host.describe(),
                 "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-                "peak_fp32": "cores x clock x FLOPs per cycle from /proc/cpuinfo (not measured)",
+                "peak_fp32": {"method": "the larger of cores x clock x FLOPs per cycle from "
+                                        "/proc/cpuinfo and the best square fp32 GEMM (512-1536) "
+                                        "on cache-resident operands",
+                              "nominal_flops": host.peak_fp32,
+                              "measured_flops": info.get("measured_peak_flops")},
                 "dram_bandwidth": "best c = a + b rate at sizes of at least 4x the last-level cache",
                 "dispatch_s_per_numpy_call": dispatch,
                 "stream": stream,

@@ -78,7 +78,8 @@ def device_with(base: Device, x: np.ndarray, provenance: str, fit: dict | None =
     call = 10 ** values["log10_gemm_call_overhead_s"] if call_overhead else 0.0
     # The tile shapes are the kernel library's, not fitted: a base that names them keeps them.
     given = base.efficiency.gemm
-    tiling = {} if given is None else {"tiles": given.tiles, "split_k": given.split_k}
+    tiling = {} if given is None else {"tiles": given.tiles, "split_k": given.split_k,
+                                       "pack_pass": given.pack_pass}
     efficiency = DeviceEfficiency(
         compute=base.efficiency.compute,
         memory=base.efficiency.memory,

@@ -1,7 +1,8 @@
 """Roofline time and energy of one op on one device.
 
 ``time = max(flops / (peak[dtype] * eff_c(flops)), bytes / (bw * eff_m(bytes)), floor) + kernel_overhead``
-(``+ gemm.call_overhead`` for a GEMM on a device with the tile model)
+(``+ gemm.call_overhead`` for a GEMM on a device with the tile model; the first two terms
+summed instead of maxed for a GEMM on a device whose BLAS packs its weights, ``gemm.pack_pass``)
 
 where a device's per-kind ``kernels`` entry, when present, gives
 ``bytes / (bw * eff_m(bytes)) = (bytes + half_size) / (bw * bandwidth)`` and the floor.
@@ -108,7 +109,23 @@ def cost_op(op: Op, device: Device) -> OpCost:
     else:
         compute_s = op.flops / (peak * _maximum(eff.compute.at(op.flops), 1e-12))
     memory_s, floor = _memory_s(op, device, nbytes)
-    if op.kind == "gemm" and "gemv" in eff.kernels and op.shape is not None:
+    packed = op.kind == "gemm" and eff.gemm is not None and eff.gemm.pack_pass
+    busy_s: Quantity | None = None
+    if packed and "gemv" in eff.kernels and op.shape is not None:
+        # A packing BLAS reads the weights in a pass before the math (sum, not max); one-row
+        # shares run the GEMV kernel, which streams the weights under its math.
+        gemv_s, gemv_floor = _memory_s(op, device, nbytes, "gemv")
+        one_row = np.asarray(op.shape[0]) <= 1
+        share = np.where(one_row, 1.0, np.clip(op.single_groups / np.maximum(op.groups, 1e-12), 0, 1))
+        busy_s = (share * np.maximum(np.maximum(op.flops / peak, gemv_s), gemv_floor)
+                  + (1 - share) * np.maximum(compute_s + memory_s, floor))
+        memory_s = share * gemv_s + (1 - share) * memory_s
+        compute_s = share * op.flops / peak + (1 - share) * compute_s
+        if not np.ndim(busy_s):
+            busy_s, memory_s, compute_s = float(busy_s), float(memory_s), float(compute_s)
+    elif packed:
+        busy_s = _maximum(compute_s + memory_s, floor)
+    elif op.kind == "gemm" and "gemv" in eff.kernels and op.shape is not None:
         # Matrix-vector products (one row per group) run a different kernel than GEMMs
         # (no packing, no tiles). A grouped GEMM whose groups are partly single-row (experts
         # hit by one token) costs that share of its work at the matrix-vector rate.
@@ -123,7 +140,8 @@ def cost_op(op: Op, device: Device) -> OpCost:
     overhead_s = eff.kernel_overhead
     if op.kind == "gemm" and eff.gemm is not None:
         overhead_s += eff.gemm.call_overhead
-    busy_s = _maximum(_maximum(compute_s, memory_s), floor)
+    if busy_s is None:
+        busy_s = _maximum(_maximum(compute_s, memory_s), floor)
     time_s = busy_s + overhead_s
     energy = op_power_w(device, op.flops, nbytes, peak, time_s) * time_s
     return OpCost(op, compute_s, memory_s, overhead_s, time_s, energy, peak)

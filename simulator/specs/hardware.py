@@ -84,6 +84,10 @@ class GemmTiling(Spec):
     call_overhead: Seconds = 0.0
     """Fixed time per GEMM call beyond a plain kernel's launch, whatever its size: the library's
     dispatch and the kernel's pipeline fill and drain, outside both roofs."""
+    pack_pass: bool = False
+    """The weight operand is read in a pass of its own before the math (a CPU BLAS packing its
+    panels into cache-sized blocks): the GEMM's memory time adds to its compute time instead of
+    overlapping it. One-row products (the ``gemv`` kernel) do not pack."""
 
 
 KernelKind = Literal["gemm", "gemv", "attention", "softmax", "elementwise", "cache_write", "norm", "rope",
