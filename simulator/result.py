@@ -52,7 +52,7 @@ class PhaseResult:
                 "intensity": flops / max(nbytes, 1.0),
                 "compute_s": avg(c.compute_s) * op.count,
                 "memory_s": avg(c.memory_s) * op.count,
-                "overhead_s": c.overhead_s * op.count,
+                "overhead_s": avg(c.overhead_s) * op.count,
                 "time_s": avg(c.total_s),
                 "share": avg(c.total_s) / self.time_s,
                 "bound": c.bound,

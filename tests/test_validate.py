@@ -122,3 +122,25 @@ def test_kernels_are_timed_after_a_cache_of_gemms():
     calls = []
     context.time(lambda: calls.append(context.turn), repeats=3)
     assert calls == [0, 8, 16, 24]  # the warm-up call, then each timed call after 8 fresh GEMMs
+
+
+def test_a_runtime_looping_over_experts_pays_a_kernel_per_touched_expert():
+    import simulator
+    from simulator.specs.loader import load_device
+
+    base = load_device("hardware_specs/local/epyc-2core-pack.yaml")
+    assert base.efficiency.expert_loop  # the executor runs its experts one by one
+    fused = base.model_copy(update={"efficiency": base.efficiency.model_copy(update={"expert_loop": False})})
+    options = dict(batch=4, input_len=256, output_len=8, weight_dtype="fp32", kv_dtype="fp32",
+                   act_dtype="fp32", attention="naive")
+    looped = simulator.estimate("tiny-moe-140m", base, **options)
+    grouped = simulator.estimate("tiny-moe-140m", fused, **options)
+    per_op = {row["op"]: row for row in looped.decode.op_rows()}
+    fused_op = {row["op"]: row for row in grouped.decode.op_rows()}
+    for name in ("experts_up_proj", "experts_act", "experts_gather", "expert_combine"):
+        assert per_op[name]["overhead_s"] > 2 * fused_op[name]["overhead_s"]  # > 2 experts touched
+    assert per_op["qkv_proj"]["time_s"] == pytest.approx(fused_op["qkv_proj"]["time_s"])
+    assert looped.tpot_s > grouped.tpot_s
+    dense = {device.efficiency.expert_loop: simulator.estimate("tiny-dense-58m", device, **options).tpot_s
+             for device in (base, fused)}
+    assert dense[True] == pytest.approx(dense[False])

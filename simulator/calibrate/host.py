@@ -720,7 +720,7 @@ def refit(out: Path) -> int:
     if not isinstance(fit, dict) or "points" not in fit or "executor_dispatch" not in fit:
         raise InferSimError(f"{out}: not a file written by infersim calibrate (no efficiency.fit.points)")
     device = load_device(out)
-    base = device.model_copy(update={"efficiency": DeviceEfficiency(gemm=host_tiling())})
+    base = device.model_copy(update={"efficiency": DeviceEfficiency(gemm=host_tiling(), expert_loop=True)})
     fitted, info = fit_host(base, points_from_raw(fit["points"]), fit["executor_dispatch"])
     if isinstance(fit.get("dequantize"), dict) and fit["dequantize"].get("points"):
         fitted, dequantize = fit_dequantize(fitted, points_from_raw(fit["dequantize"]["points"]))
@@ -743,6 +743,7 @@ def _efficiency_fields(eff: DeviceEfficiency) -> dict[str, Any]:
     gb = 1e9
     return {
         "kernel_overhead": f"{eff.kernel_overhead * 1e6:.4g} us",
+        "expert_loop": eff.expert_loop,
         "gemm": {
             "tiles": [list(t) for t in eff.gemm.tiles],
             "split_k": list(eff.gemm.split_k),
@@ -925,7 +926,7 @@ def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
         "power": {"idle": 0.0, "max": 1.0, "provenance": "not measured: placeholder power range"},
     }
     device = Device.model_validate(base)
-    device = device.model_copy(update={"efficiency": DeviceEfficiency(gemm=host_tiling())})
+    device = device.model_copy(update={"efficiency": DeviceEfficiency(gemm=host_tiling(), expert_loop=True)})
     progress(f"fitting {len(points.ops)} points")
     fitted, info = fit_host(device, points, executor_dispatch)
     progress("KV dequantization")

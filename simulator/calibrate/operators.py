@@ -84,6 +84,7 @@ def device_with(base: Device, x: np.ndarray, provenance: str, fit: dict | None =
         compute=base.efficiency.compute,
         memory=base.efficiency.memory,
         kernel_overhead=10 ** values["log10_kernel_overhead_s"],
+        expert_loop=base.efficiency.expert_loop,
         gemm=GemmTiling(efficiency=values["gemm_efficiency"],
                         operand_bandwidth=10 ** values["log10_operand_bandwidth"],
                         tile_overhead=10 ** values["log10_tile_overhead_s"], call_overhead=call,

@@ -137,9 +137,14 @@ def cost_op(op: Op, device: Device) -> OpCost:
         compute_s = share * op.flops / peak + (1 - share) * compute_s
         if not np.ndim(memory_s):
             memory_s, floor, compute_s = float(memory_s), float(floor), float(compute_s)
-    overhead_s = eff.kernel_overhead
+    overhead_s: Quantity = eff.kernel_overhead
     if op.kind == "gemm" and eff.gemm is not None:
         overhead_s += eff.gemm.call_overhead
+    if eff.expert_loop and not (isinstance(op.groups, float) and op.groups == 1.0):
+        # One kernel per touched expert, each with its own launch and floor.
+        calls = _maximum(op.groups, 1.0)
+        overhead_s = overhead_s * calls
+        floor = floor * calls
     if busy_s is None:
         busy_s = _maximum(_maximum(compute_s, memory_s), floor)
     time_s = busy_s + overhead_s

@@ -129,13 +129,13 @@ class _Builder:
         )
 
     def vector(self, name: str, elements_in: Quantity, elements_out: Quantity, flops_per: float,
-               count: int, kind="elementwise", weight_values: float = 0.0) -> None:
-        self.ops.append(
-            elementwise(
-                name, elements_in, elements_out, flops_per, act_bytes=self.a, dtype=self.p.act,
-                count=count, kind=kind, weight_bytes=weight_values * self.a,
-            )
-        )
+               count: int, kind="elementwise", weight_values: float = 0.0, groups: Quantity = 1.0) -> None:
+        """An elementwise op; ``groups``: the experts it runs over, one kernel each where the
+        runtime loops over experts (``DeviceEfficiency.expert_loop``)."""
+        op = elementwise(name, elements_in, elements_out, flops_per, act_bytes=self.a, dtype=self.p.act,
+                         count=count, kind=kind, weight_bytes=weight_values * self.a)
+        grouped = not (isinstance(groups, float) and groups == 1.0)
+        self.ops.append(dataclasses.replace(op, groups=groups) if grouped else op)
 
     def norm(self, name: str, width: int, count: int, tokens: Quantity | None = None) -> None:
         rows = self.T if tokens is None else tokens
@@ -355,7 +355,8 @@ class _Builder:
         self.gemm(f"{prefix}_up_proj", tokens, up, h, count, weight_values=sets * up * h, groups=sets,
                   single_groups=single)
         act_flops = 5.0 if gated else 4.0  # SiLU/GELU plus the gating multiply
-        self.vector(f"{prefix}_act", tokens * up, tokens * inter, act_flops, count, kind="activation")
+        self.vector(f"{prefix}_act", tokens * up, tokens * inter, act_flops, count, kind="activation",
+                    groups=sets)
         self.gemm(f"{prefix}_down_proj", tokens, h, inter, count, weight_values=sets * inter * h,
                   groups=sets, single_groups=single)
 
@@ -380,11 +381,13 @@ class _Builder:
             single = expected_single_token_experts(shard.local_experts, 1, rows)
         self.gemm("router", T, experts, h, count, wbytes=self.a)
         self.vector("topk_gate", T * experts, T * moe.top_k, 5.0, count)
+        # Each expert's rows gathered into a contiguous block (a permute in a fused kernel).
+        self.vector("experts_gather", rows * h, rows * h, 0.0, count, groups=touched)
         self._mlp("experts", rows, moe.expert_intermediate_size, count, experts=touched,
                   single=single)
         if moe.num_shared_experts:
             self._mlp("shared_experts", T, moe.shared_intermediate * moe.num_shared_experts, count)
-        self.vector("expert_combine", routed * h, T * h, 2.0, count)
+        self.vector("expert_combine", routed * h, T * h, 2.0, count, groups=touched)
         self.vector("residual_add", 2 * T * h, T * h, 1.0, count)
 
 

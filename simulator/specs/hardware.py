@@ -126,6 +126,11 @@ class DeviceEfficiency(Spec):
     kernel_overhead: Seconds = 5e-6
     gemm: GemmTiling | None = None
     kernels: dict[KernelKind, KernelEfficiency] = {}
+    expert_loop: bool = False
+    """The runtime runs an MoE layer's experts one after another (HF eager, the reference
+    executor) instead of in one grouped kernel (vLLM's fused MoE): every touched expert pays its
+    own GEMM calls and its own gather, activation and scatter-add kernels, so an op over
+    ``groups`` experts costs ``groups`` kernel overheads and floors."""
     provenance: str = "default: round numbers, not fitted to any measurement"
     fit: dict[str, Any] | None = None
     """How fitted values were obtained: source files, method, residuals."""
