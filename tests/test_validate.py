@@ -144,3 +144,20 @@ def test_a_runtime_looping_over_experts_pays_a_kernel_per_touched_expert():
     dense = {device.efficiency.expert_loop: simulator.estimate("tiny-dense-58m", device, **options).tpot_s
              for device in (base, fused)}
     assert dense[True] == pytest.approx(dense[False])
+
+
+def test_per_op_comparison_lines_up_the_executors_ops_with_the_estimates():
+    from simulator.errors import InferSimError
+    from validation.ops import compare_ops
+
+    frame, totals = compare_ops("tiny-dense-58m", "hardware_specs/local/epyc-2core-pack.yaml", batch=1,
+                                input_len=16, output_len=3, repeats=1)
+    ops = frame.set_index("op")
+    for name in ("qkv_proj", "attention", "mlp_up_proj", "lm_head"):
+        assert ops.loc[name, "measured_s"] > 0 and ops.loc[name, "predicted_s"] > 0
+    assert ops.loc["qkv_proj", "calls"] == 8  # one per layer
+    assert "attention_scores" not in ops.index  # the eager-attention ops are summed into one call
+    assert totals["predicted_step_s"] == pytest.approx(frame["predicted_s"].sum())
+    assert list(frame["error_s"].abs()) == sorted(frame["error_s"].abs(), reverse=True)
+    with pytest.raises(InferSimError):
+        compare_ops("tiny-dense-58m", "hardware_specs/local/epyc-2core-pack.yaml", phase="verify")
