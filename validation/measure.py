@@ -1,6 +1,6 @@
 """Run the reference executor over a grid of cases and record medians and noise.
 
-    python -m validation.measure --suite quick|full|strategies|strategies2|parallel \
+    python -m validation.measure --suite quick|full|shapes|strategies|strategies2|parallel \
         --out validation/measurements/FILE.csv
 
 Each row is one case (model, batch, prompt and output length). Cases are run
@@ -30,6 +30,8 @@ from rich.progress import Progress
 
 # (model, largest batch x prompt tokens of a prefill) of each suite's models.
 FULL_MODELS = [("tiny-dense-58m", 8192), ("tiny-moe-140m", 8192), ("small-dense-250m", 2048)]
+SHAPES_MODELS = ("opt-125m", "deep-mqa-70m", "qwen-moe-tiny")
+SUITES = ("quick", "full", "shapes", "strategies", "strategies2", "parallel")
 BATCHES = [1, 2, 4, 8, 16, 32]
 PROMPTS = [128, 256, 512, 1024, 2048, 4096]
 
@@ -116,11 +118,18 @@ def suite(name: str) -> list[Case]:
         window = [Case("tiny-dense-58m", batch, 2048, 16, kv_window=w)
                   for batch in (1, 4) for w in (128, 512)]
         return offload + window
+    if name == "shapes":
+        # Held-out shapes: models neither calibration nor the full suite has seen (OPT-125M's
+        # real shape, a deep narrow MQA decoder, a Qwen3-MoE-style model with q/k norm and 16
+        # fine-grained experts).
+        return [Case(model, batch, prompt, 16)
+                for model in SHAPES_MODELS for batch in (1, 4, 16) for prompt in (128, 512)
+                if batch * prompt <= 2048]
     if name == "strategies2":
         return strategies2_suite()
     if name == "parallel":
         return parallel_suite()
-    raise SystemExit(f"unknown suite {name!r}; choose quick, full, strategies, strategies2 or parallel")
+    raise SystemExit(f"unknown suite {name!r}; choose {', '.join(SUITES[:-1])} or {SUITES[-1]}")
 
 
 def strategies2_suite() -> list[Case]:
@@ -274,7 +283,7 @@ def run(cases: list[Case], out: Path, repeats: int, rounds: int = 3) -> list[dic
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m validation.measure",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=("quick", "full", "strategies", "strategies2", "parallel"),
+    parser.add_argument("--suite", choices=SUITES,
                         default="quick")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--rounds", type=int, default=3,
