@@ -68,7 +68,10 @@ def dense_models():
 
 @pytest.mark.parametrize("device_name", sorted(shipped_devices()))
 def test_decode_at_batch_1_is_memory_bound_for_every_dense_model(device_name):
-    for model in dense_models():
+    # Models of a billion parameters and more: a GPU streams their weights at batch 1. The
+    # executor's CPU-sized shapes (a 384-wide decoder's GEMMs are one partial wave of tiles on an
+    # H100, 0.7 us against 0.13 us of weights) are bound by neither roof on a GPU.
+    for model in (name for name in dense_models() if load_model(name).params() >= 1e9):
         result = run(model, device_name, batch=1, input_len=512, output_len=64)
         assert result.decode.bound == "memory", (model, device_name)
 
