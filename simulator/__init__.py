@@ -15,6 +15,8 @@ Public API::
     study = simulator.sweep({"model": ["llama-2-7b", "llama-3.1-8b"], "batch": {"range": [1, 64]}})
     simulator.pareto_front(study, {"tpot_s": "min", "throughput_tokens_per_s": "max"})
     simulator.best_plan(study, slo_ttft_s=1.0, slo_tpot_s=0.05, objective="cost")  # infersim sweep --best
+    simulator.plan_search("llama-2-70b", ["dgx-a100", "dgx-h100"], slo_ttft_s=2.0, slo_tpot_s=0.05)
+    simulator.write_report(study, "report/")                                        # infersim report
 """
 
 from simulator.errors import DoesNotFitError, InferSimError, SpecError, UnsupportedError
@@ -28,6 +30,7 @@ from simulator.strategies.parallel import ParallelPlan
 from simulator.strategies.plan import search as search_plan
 from simulator.strategies.speculative import Speculation
 from simulator.study import best_plan, pareto_front, sweep
+from simulator.study.plan_search import plan_search
 
 __all__ = [
     "DoesNotFitError",
@@ -45,7 +48,16 @@ __all__ = [
     "load_model",
     "load_system",
     "pareto_front",
+    "plan_search",
     "run_scenario",
     "search_plan",
     "sweep",
+    "write_report",
 ]
+
+
+def write_report(*args, **kwargs):
+    """``simulator.report.study_report.write_report`` (imported on first use: it loads matplotlib)."""
+    from simulator.report.study_report import write_report as write
+
+    return write(*args, **kwargs)

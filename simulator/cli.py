@@ -1,5 +1,5 @@
 """The ``infersim`` command: estimate, plan, info, list, roofline, calibrate, execute,
-execute-serve, serve, capacity, sweep, validate.
+execute-serve, serve, capacity, sweep, report, validate.
 
 Every user error (bad spec, unknown name, plan that does not fit) prints one
 line on stderr and exits with code 2; ``--json`` prints machine-readable
@@ -34,6 +34,9 @@ def _add_shape(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--input-len", type=int, default=512, help="prompt tokens (default 512)")
     parser.add_argument("--output-len", type=int, default=128, help="generated tokens (default 128)")
+    parser.add_argument("--samples", type=int, default=1, metavar="N",
+                        help="parallel samples per prompt sharing its KV cache: best-of-N, self-consistency "
+                             "(default 1)")
     parser.add_argument("--weight-dtype", default="bf16", choices=dtypes.WEIGHT_DTYPES)
     parser.add_argument("--kv-dtype", default=None, choices=dtypes.KV_DTYPES,
                         help="KV-cache dtype (default: the activation dtype)")
@@ -233,8 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_engine_serve_parser(sub, _add_model_hardware)
     from simulator.study.cli import add_sweep_parser
+    from simulator.study.report_cli import add_report_parser
 
     add_sweep_parser(sub)
+    add_report_parser(sub)
+    from simulator.study.plan_search_cli import add_plan_search_parser
+
+    add_plan_search_parser(sub)
 
     val = sub.add_parser("validate", help="predict measured executor runs and report the error")
     val.add_argument("--measurements", required=True, help="CSV written by python -m validation.measure")
@@ -256,7 +264,7 @@ def _estimate(args: argparse.Namespace):
     return estimate(
         args.model, args.hardware, batch=args.batch, input_len=args.input_len,
         output_len=args.output_len, weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype,
-        act_dtype=args.act_dtype, attention=args.attention, group_size=args.group_size,
+        act_dtype=args.act_dtype, attention=args.attention, group_size=args.group_size, samples=args.samples,
         **(strategy_options(args) if hasattr(args, "offload_weights") else {}),
     )
 
@@ -435,6 +443,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return run_sweep(args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from simulator.study.report_cli import cmd_report as run_report
+
+    return run_report(args)
+
+
+def cmd_plan_search(args: argparse.Namespace) -> int:
+    from simulator.study.plan_search_cli import cmd_plan_search as run_plan_search
+
+    return run_plan_search(args)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -447,7 +467,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 COMMANDS = {"estimate": cmd_estimate, "run": cmd_run, "plan": cmd_plan, "info": cmd_info, "list": cmd_list,
             "roofline": cmd_roofline, "calibrate": cmd_calibrate, "execute": cmd_execute,
             "execute-serve": cmd_execute_serve, "serve": cmd_serve, "capacity": cmd_capacity,
-            "sweep": cmd_sweep, "validate": cmd_validate}
+            "sweep": cmd_sweep, "report": cmd_report, "plan-search": cmd_plan_search,
+            "validate": cmd_validate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from simulator.graph.transformer import (
     build_step,
     decode_contexts,
     embedding_bytes,
+    held_tokens,
     kv_bytes_per_token,
     weight_bytes,
 )
@@ -69,8 +70,11 @@ def _phase(name: str, costs: list[OpCost]) -> PhaseResult:
 
 def memory_use(model: ModelSpec, device: Device, precision: Precision, batch: int,
                input_len: int, output_len: int, prefill_costs: list[OpCost],
-               kept_model: ModelSpec | None = None) -> MemoryUse:
+               kept_model: ModelSpec | None = None, samples: int = 1) -> MemoryUse:
     """Weights, KV cache for the whole sequence, and the largest live activation set.
+
+    With ``samples`` parallel samples per request the cache holds each prompt once and every
+    sample's generated tokens (``held_tokens``).
 
     Activations: the residual stream of the prefill plus the largest transient
     traffic of any single op of the prefill (for naive attention this counts
@@ -83,11 +87,14 @@ def memory_use(model: ModelSpec, device: Device, precision: Precision, batch: in
     weights = weight_bytes(model, precision)
     kv_per_token = kv_bytes_per_token(model, precision.kv, precision.group_size, precision.kv_store)
     # The last generated token is sampled, never fed back: its K/V are never written.
-    tokens = kept.cached_tokens(input_len + output_len - 1)
+    prompt, generated = held_tokens(kept, input_len, output_len)
+    tokens = prompt + samples * generated
     kv = batch * tokens * kv_per_token
-    if precision.kv_residual:  # KIVI's recent tokens in the activation dtype
+    if precision.kv_residual:  # KIVI's recent tokens of each sample in the activation dtype
         extra = model.kv_elements_per_token() * (precision.act_bytes - precision.kv_bytes)
-        kv += batch * min(tokens, precision.kv_residual) * max(extra, 0.0)
+        recent = min(prompt + generated, precision.kv_residual)
+        own = min(recent, generated)
+        kv += batch * (recent - own + samples * own) * max(extra, 0.0)
     residual = batch * input_len * model.hidden_size * precision.act_bytes
     transient = max(avg(c.op.activation_bytes) for c in prefill_costs)
     evicted = batch * max(0.0, input_len - kept.cached_tokens(input_len)) * kv_per_token / model.num_layers
@@ -116,8 +123,9 @@ def _offloaded(phase: PhaseResult, plan: OffloadPlan, system: System, model: Mod
 def _speculate(speculation: Speculation, spec: ModelSpec, kept_model: ModelSpec, system: System,
                precision: Precision, attention: AttentionImpl, batch: int, input_len: int, output_len: int,
                contexts: np.ndarray, plain: PhaseResult, run_step: StepRunner,
-               dtypes_given: tuple) -> tuple[PhaseResult, dict, tuple[float, float]]:
-    """The decode phase under speculation: (gamma draft steps + one verification) / expected tokens."""
+               dtypes_given: tuple, samples: int = 1) -> tuple[PhaseResult, dict, tuple[float, float]]:
+    """The decode phase under speculation: (gamma draft steps + one verification) / expected tokens.
+    ``batch`` prompts, each decoding ``samples`` streams (drafted and verified alike)."""
     draft = speculation.draft_model(spec)
     if draft.vocab_size != spec.vocab_size:
         raise InferSimError(f"the draft {draft.name} has a vocabulary of {draft.vocab_size} tokens and the "
@@ -126,14 +134,15 @@ def _speculate(speculation: Speculation, spec: ModelSpec, kept_model: ModelSpec,
     weight_dtype, kv_dtype, act_dtype, group_size = dtypes_given
     draft_precision = resolve_precision(draft_system.device, weight_dtype, kv_dtype, act_dtype, group_size)
     gamma = speculation.gamma
-    draft_ops = build_step(draft, StepShape("decode", batch, 1, contexts), draft_precision, attention)
+    streams = batch * samples
+    draft_ops = build_step(draft, StepShape("decode", streams, 1, contexts), draft_precision, attention)
     draft_step = _phase("draft", cost_ops(draft_ops, draft_system.device))
     # A separate draft reads the prompt too before its first round; a self-draft uses the
     # target's cache.
     draft_prefill = 0.0 if speculation.self_draft else _phase("draft prefill", cost_ops(build_step(
         draft, StepShape("prefill", batch, input_len, float(input_len)), draft_precision, attention),
         draft_system.device)).time_s
-    verify_shape = StepShape("decode", batch, gamma + 1, contexts + gamma, logits=gamma + 1)
+    verify_shape = StepShape("decode", streams, gamma + 1, contexts + gamma, logits=gamma + 1)
     verify = run_step("decode", kept_model, verify_shape)
     tokens = speculation.expected_tokens()
     round_s = gamma * draft_step.time_s + verify.time_s
@@ -155,7 +164,8 @@ def _speculate(speculation: Speculation, spec: ModelSpec, kept_model: ModelSpec,
     info["draft_device_shared"] = same_device
     memory = (0.0, 0.0)
     if same_device:
-        kv = batch * draft.cached_tokens(input_len + output_len - 1) * kv_bytes_per_token(
+        prompt, generated = held_tokens(draft, input_len, output_len)
+        kv = batch * (prompt + samples * generated) * kv_bytes_per_token(
             draft, draft_precision.kv, draft_precision.group_size)
         memory = (0.0 if speculation.self_draft else weight_bytes(draft, draft_precision), kv)
     return phase, info, memory
@@ -195,13 +205,13 @@ def stage_weight_bytes(plan: ParallelPlan, model: ModelSpec, shard_weights: floa
 
 def parallel_memory(plan: ParallelPlan, model: ModelSpec, kept_model: ModelSpec, device: Device,
                     precision: Precision, batch: int, input_len: int, output_len: int,
-                    prefill_costs: list[OpCost]) -> MemoryUse:
+                    prefill_costs: list[OpCost], samples: int = 1) -> MemoryUse:
     """One device of the busiest stage: its shard of the stage's layers, the embedding or the head
     (the larger, or both without pipeline stages), and the KV cache of its attention group's
     sequences for the stage's layers."""
     shard, kept = plan.device_model(model), plan.device_model(kept_model)
     sequences = batch // (plan.dp * plan.attention_groups)
-    use = memory_use(shard, device, precision, sequences, input_len, output_len, prefill_costs, kept)
+    use = memory_use(shard, device, precision, sequences, input_len, output_len, prefill_costs, kept, samples)
     frac = plan.stage_layers(model) / model.num_layers
     return dataclasses.replace(use, weights=stage_weight_bytes(plan, model, use.weights, precision),
                                kv_cache=frac * use.kv_cache)
@@ -209,7 +219,8 @@ def parallel_memory(plan: ParallelPlan, model: ModelSpec, kept_model: ModelSpec,
 
 def _flash_memory(memory: MemoryUse, flash: FlashPlan, model: ModelSpec, system: System,
                   precision: Precision, batch: int) -> MemoryUse:
-    """Memory holds all but the FFN weights, plus the window's neurons; the drive the FFNs."""
+    """Memory holds all but the FFN weights, plus the window's neurons (of a decode step of
+    ``batch`` streams); the drive the FFNs."""
     ffn = flash.ffn_bytes(model, precision.weight_bytes)
     cached = min(1.0, flash.active_share(batch) * max(flash.window, 1)) * ffn
     assert system.storage is not None
@@ -242,7 +253,7 @@ def smaller_weights(model: ModelSpec, precision: Precision) -> dict[str, float]:
 
 def _does_not_fit(model: ModelSpec, device: Device, precision: Precision, batch: int,
                   input_len: int, output_len: int, memory: MemoryUse,
-                  smaller: dict[str, float] | None = None) -> DoesNotFitError:
+                  smaller: dict[str, float] | None = None, samples: int = 1) -> DoesNotFitError:
     """The error and its hints; ``smaller`` is ``smaller_weights(model, precision)`` when the caller
     (a sweep, for many batches) has it already."""
     gb = 1e9
@@ -258,8 +269,9 @@ def _does_not_fit(model: ModelSpec, device: Device, precision: Precision, batch:
             break
     devices = math.ceil(memory.total / memory.capacity)
     hints.append(f"at least {devices} devices with tensor or pipeline parallelism")
+    shape = f"batch {batch}" + (f" x {samples} samples" if samples > 1 else "")
     return DoesNotFitError(
-        f"{model.name} at batch {batch}, {input_len}+{output_len} tokens needs "
+        f"{model.name} at {shape}, {input_len}+{output_len} tokens needs "
         f"{memory.total / gb:.1f} GB on {device.name} ({memory.capacity / gb:.1f} GB): "
         f"{over / gb:.1f} GB over (weights {memory.weights / gb:.1f} GB, "
         f"KV cache {memory.kv_cache / gb:.1f} GB, activations {memory.activations / gb:.1f} GB). "
@@ -292,12 +304,16 @@ def estimate(
     decode_hardware: str | Path | System | None = None,
     kv_link: str | None = None,
     flash: FlashPlan | None = None,
+    samples: int = 1,
 ) -> EstimateResult:
     """Predict latency, throughput, memory and energy of ``batch`` requests on one device.
 
     TTFT is the prefill step; TPOT the mean decode step over contexts
     ``input_len + 1 .. input_len + output_len - 1``; ``e2e = TTFT + (output_len - 1) * TPOT``;
-    throughput is output tokens per second of e2e. Raises ``DoesNotFitError``
+    throughput is output tokens per second of e2e. ``samples`` parallel samples per request
+    (best-of-N, self-consistency) share the prompt: one prefill per request, ``batch * samples``
+    decode streams, each reading its whole context, and a KV cache holding each prompt once
+    (``docs/model.md``, test-time compute). Raises ``DoesNotFitError``
     when the weights, KV cache and activations exceed device memory (unless
     ``check_memory`` is false, which still reports the overrun in ``memory``).
 
@@ -321,7 +337,7 @@ def estimate(
             kv_dtype=kv_dtype, act_dtype=act_dtype, attention=attention, group_size=group_size,
             decode_samples=decode_samples, check_memory=check_memory, offload=offload,
             kv_policy=kv_policy, kv_residual=kv_residual, kv_store=kv_store, speculative=speculative,
-            parallel=parallel, flash=flash)
+            parallel=parallel, flash=flash, samples=samples)
     if kv_link is not None:
         raise InferSimError("--kv-link names the link between prefill and decode pools; it needs "
                             "--prefill-hardware or --decode-hardware")
@@ -333,6 +349,7 @@ def estimate(
     output_len = _positive_int(output_len, "output_len")
     _positive_int(group_size, "group_size")
     _positive_int(decode_samples, "decode_samples")
+    samples = _positive_int(samples, "samples (--samples: parallel samples per prompt)")
     if attention not in ("flash", "naive"):
         raise InferSimError(f"attention must be 'flash' or 'naive', got {attention!r}")
     precision = resolve_precision(device, weight_dtype, kv_dtype, act_dtype, group_size)
@@ -412,7 +429,7 @@ def estimate(
     decode = None
     if output_len > 1:
         contexts = decode_contexts(input_len, output_len, decode_samples)
-        decode = run_step("decode", kept_model, StepShape("decode", batch, 1, contexts),
+        decode = run_step("decode", kept_model, StepShape("decode", batch * samples, 1, contexts),
                           lambda model, rows: policy.extra_ops(
                               model, rows, kept_model.cached_tokens(contexts), precision.act))
 
@@ -420,7 +437,7 @@ def estimate(
     if speculative is not None and decode is not None:
         decode, spec_info, draft_memory = _speculate(
             speculative, spec, kept_model, system, precision, attention, batch, input_len, output_len,
-            contexts, decode, run_step, (weight_dtype, kv_dtype, act_dtype, group_size))
+            contexts, decode, run_step, (weight_dtype, kv_dtype, act_dtype, group_size), samples)
         # The draft's prefill follows the target's on a shared device, runs beside it on its own.
         ttft = (prefill.time_s + spec_info["draft_prefill_s"] if spec_info["draft_device_shared"]
                 else max(prefill.time_s, spec_info["draft_prefill_s"]))
@@ -434,12 +451,13 @@ def estimate(
                    f"no acceptance rate makes gamma = {speculative.gamma} pay at batch {batch}"))
 
     if par is None:
-        memory = memory_use(spec, device, precision, batch, input_len, output_len, prefill.costs, kept_model)
+        memory = memory_use(spec, device, precision, batch, input_len, output_len, prefill.costs, kept_model,
+                            samples)
         if flash is not None:
-            memory = _flash_memory(memory, flash, spec, system, precision, batch)
+            memory = _flash_memory(memory, flash, spec, system, precision, batch * samples)
     else:
         memory = parallel_memory(par, spec, kept_model, device, precision, batch, input_len, output_len,
-                                 prefill.costs)
+                                 prefill.costs, samples)
     if draft_memory != (0.0, 0.0):
         memory = dataclasses.replace(memory, weights=memory.weights + draft_memory[0],
                                      kv_cache=memory.kv_cache + draft_memory[1])
@@ -460,7 +478,7 @@ def estimate(
     elif check_memory and memory.total > memory.capacity and par is not None:
         raise _parallel_does_not_fit(spec, device, par, batch, memory)
     elif check_memory and memory.total > memory.capacity:
-        raise _does_not_fit(spec, device, precision, batch, input_len, output_len, memory)
+        raise _does_not_fit(spec, device, precision, batch, input_len, output_len, memory, samples=samples)
     elif memory.total > memory.capacity:
         warnings.append(f"needs {memory.total / 1e9:.1f} GB of {memory.capacity / 1e9:.1f} GB")
     strategy: dict = {}
@@ -495,4 +513,5 @@ def estimate(
         memory=memory,
         warnings=tuple(warnings),
         strategy=strategy or None,
+        samples=samples,
     )

@@ -3,7 +3,7 @@
 ```yaml
 model: llama-2-13b                 # shipped name or a path (relative to this file)
 hardware: workstation-4090
-workload: {batch: 8, input_len: 512, output_len: 128}
+workload: {batch: 8, input_len: 512, output_len: 128}   # samples: 4 for best-of-4 per prompt
 precision: {weight_dtype: bf16, kv_dtype: bf16}          # optional
 strategy:                                                 # optional
   offload: {weights: {host: 0.5, disk: 0.1}, kv: {host: 0.0}, prefetch: true}
@@ -40,6 +40,8 @@ class Workload(Spec):
     batch: int = Field(1, gt=0)
     input_len: int = Field(512, gt=0)
     output_len: int = Field(128, gt=0)
+    samples: int = Field(1, gt=0)
+    """Parallel samples per prompt (``--samples``): best-of-N, self-consistency."""
 
 
 class PrecisionChoice(Spec):
@@ -271,7 +273,7 @@ def run_scenario(path: str | Path) -> EstimateResult:
     w = scenario.workload
     try:
         return estimate(scenario.model, scenario.hardware, batch=w.batch, input_len=w.input_len,
-                        output_len=w.output_len, **estimate_options(scenario))
+                        output_len=w.output_len, samples=w.samples, **estimate_options(scenario))
     except SpecError:
         raise
     except InferSimError as err:

@@ -74,7 +74,12 @@ def _replica(index: int, pool: str, model: ModelSpec, system: System, precision:
     if plan is not None and plan.devices > 1 and system.num_devices == 1 and system.device.type == "cpu":
         system = workers_on_host(system, plan.devices // plan.dp, plan.concurrent)
     if plan is not None:
-        single = dataclasses.replace(plan, dp=1)
+        # Each iteration's batch goes through the stages as one micro-batch (the stages take
+        # turns): an iteration's sequences change every step and need not split evenly.
+        if plan.micro_batches not in (None, 1):
+            raise InferSimError(f"the serving engine runs each iteration through the {plan.pp} pipeline "
+                                "stages as one micro-batch; drop --micro-batches")
+        single = dataclasses.replace(plan, dp=1, micro_batches=1)
         single.check(model, system, 1)
         plan = single
     gamma = speculation.gamma if speculation is not None else 0

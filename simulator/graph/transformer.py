@@ -452,6 +452,19 @@ def weight_bytes(model: ModelSpec, precision: Precision) -> float:
     return (model.params() - embed) * precision.weight_bytes + embedding_bytes(model, precision)
 
 
+def held_tokens(model: ModelSpec, input_len: Quantity, output_len: Quantity) -> tuple[Quantity, Quantity]:
+    """Tokens one sequence holds in its KV cache after its last step, as ``(prompt, generated)``.
+
+    The last generated token is sampled, never fed back, so ``input_len + output_len - 1`` tokens
+    were written; a window (``model.cached_tokens``) keeps the most recent, generated ones first.
+    Parallel samples of one prompt share its ``prompt`` tokens and each hold their own
+    ``generated`` ones: ``prompt + samples * generated`` per request (``docs/model.md``).
+    """
+    kept = model.cached_tokens(input_len + output_len - 1)
+    generated = np.minimum(kept, output_len - 1)
+    return kept - generated, generated
+
+
 def kv_bytes_per_token(model: ModelSpec, kv_dtype: str, group_size: int = 128, store: str = "kv") -> float:
     """Cached bytes per token over all layers: K and V, or (XQuant, ``store="x"``) the layer input."""
     elements = model.hidden_size * model.num_layers if store == "x" else model.kv_elements_per_token()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -18,7 +19,8 @@ LABELS = {"tpot_s": "TPOT (s per token)", "ttft_s": "TTFT (s)", "e2e_s": "end-to
           "throughput_tokens_per_s": "throughput (output tokens/s)",
           "throughput_per_device": "throughput per device (output tokens/s)",
           "cost_usd_per_million_tokens": "cost (USD per million output tokens)", "devices": "devices",
-          "energy_j_per_token": "energy (J per token)", "memory_bytes_total": "memory (bytes)"}
+          "energy_j_per_token": "energy (J per token)", "memory_bytes_total": "memory (bytes)",
+          "tokens_per_s_per_user": "per-user speed (tokens/s, 1 / TPOT)"}
 
 
 def _label(column: str, direction: str) -> str:
@@ -32,20 +34,33 @@ def _log(values: np.ndarray) -> bool:
 
 
 def plot_pareto(feasible: pd.DataFrame, front: pd.DataFrame, objectives: Mapping[str, str],
-                path: str | Path, colour_by: str | None = "hardware", title: str | None = None) -> Path:
-    """All feasible points in grey (or coloured by ``colour_by``), the front as a line of marked
-    points over them; the first objective on x, the second on y. Log axes where a range spans
-    more than a factor of 20."""
+                path: str | Path, colour_by: str | None = "hardware", title: str | None = None,
+                colours: Mapping[str, Any] | None = None) -> Path:
+    """All feasible points in grey (or coloured by ``colour_by``, from ``colours`` where it names
+    the value), the front as a line of marked points over them; the first objective on x, the
+    second on y. Log axes where a range spans more than a factor of 20."""
     if len(objectives) != 2:
         raise InferSimError(f"--plot draws two objectives; --pareto names {len(objectives)}")
     (x, x_dir), (y, y_dir) = objectives.items()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    groups = (feasible.groupby(colour_by, sort=True) if colour_by in feasible and
+    groups = (list(feasible.groupby(colour_by, sort=True)) if colour_by in feasible and
               feasible[colour_by].nunique() > 1 else [("feasible configurations", feasible)])
-    for name, rows in groups:
-        ax.scatter(rows[x], rows[y], s=6, alpha=0.35, label=str(name), linewidths=0)
+    # Many or long group names: the legend goes beside the axes, not over the points.
+    beside = len(groups) > 8 or max(len(str(name)) for name, _ in groups) > 28
+    fig, ax = plt.subplots(figsize=(12.5 if beside else 7.5, 5))
+    palette = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    small = len(feasible) <= 2000  # a small study's points stay visible
+    colour_of = {}
+    for k, (name, rows) in enumerate(groups):
+        colour_of[str(name)] = (colours or {}).get(str(name), palette(k % palette.N))
+        ax.scatter(rows[x], rows[y], s=16 if small else 6, alpha=0.5 if small else 0.35, label=str(name),
+                   linewidths=0, color=colour_of[str(name)])
     ordered = front.sort_values(x)
-    ax.plot(ordered[x], ordered[y], "-o", color="black", markersize=4, linewidth=1.2,
+    ax.plot(ordered[x], ordered[y], "-", color="black", linewidth=1.2, zorder=2)
+    # The front's points in their group's colour, edged in black: which plans make the front.
+    fill = ([colour_of.get(str(v), "black") for v in ordered[colour_by]] if len(groups) > 1
+            else ["black"] * len(ordered))
+    ax.scatter(ordered[x], ordered[y], s=30, c=fill, edgecolors="black", linewidths=0.8, zorder=3)
+    ax.plot([], [], "-o", color="black", markerfacecolor="white", markersize=4,
             label=f"Pareto front ({len(front)} plans)")
     if _log(feasible[x].to_numpy(dtype=float)):
         ax.set_xscale("log")
@@ -55,7 +70,10 @@ def plot_pareto(feasible: pd.DataFrame, front: pd.DataFrame, objectives: Mapping
     ax.set_ylabel(_label(y, y_dir))
     ax.set_title(title or f"Pareto front of {len(feasible):,} feasible configurations")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, markerscale=2)
+    if beside:
+        ax.legend(fontsize=7, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8, markerscale=2)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

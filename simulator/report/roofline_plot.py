@@ -16,24 +16,30 @@ from simulator.specs.hardware import Device  # noqa: E402
 MARKERS = {"prefill": "o", "decode": "^"}
 
 
-def plot_roofline(result: EstimateResult, device: Device, out: str | Path) -> Path:
-    """Achieved FLOP/s (FLOPs over modelled time) against arithmetic intensity, per op and phase."""
-    frame = result.ops_frame()
-    frame = frame[frame["flops"] > 0]
+def draw_roofs(ax, device: Device, compute_dtype: str) -> None:
+    """The device's roofs in TFLOP/s over FLOP/byte: peak of ``compute_dtype`` (and fp32) against
+    main-memory bandwidth, and the achievable roof at the efficiencies of a large op."""
     bandwidth = device.main_memory.bandwidth
     intensities = np.logspace(-2, 5, 300)
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for dtype in dict.fromkeys((result.precision.compute, "fp32")):
+    for dtype in dict.fromkeys((compute_dtype, "fp32")):
         peak = device.compute.get(dtype)  # type: ignore[call-overload]
         if peak is None:
             continue
         ax.plot(intensities, np.minimum(peak, bandwidth * intensities) / 1e12,
                 label=f"{dtype} roof ({peak / 1e12:.0f} TFLOP/s, {bandwidth / 1e12:.2f} TB/s)")
     eff = device.efficiency
-    eff_peak = device.compute[result.precision.compute] * float(eff.compute.at(1e12))  # type: ignore[index]
+    eff_peak = device.compute[compute_dtype] * float(eff.compute.at(1e12))  # type: ignore[index]
     eff_bw = bandwidth * float(eff.memory.at(1e9))
     ax.plot(intensities, np.minimum(eff_peak, eff_bw * intensities) / 1e12, ":", color="grey",
             label="achievable roof (efficiency at 1 TFLOP, 1 GB)")
+
+
+def plot_roofline(result: EstimateResult, device: Device, out: str | Path) -> Path:
+    """Achieved FLOP/s (FLOPs over modelled time) against arithmetic intensity, per op and phase."""
+    frame = result.ops_frame()
+    frame = frame[frame["flops"] > 0]
+    fig, ax = plt.subplots(figsize=(9, 6))
+    draw_roofs(ax, device, result.precision.compute)
     cmap = plt.get_cmap("tab20")
     kinds = sorted(frame["op"].unique())
     for phase, marker in MARKERS.items():

@@ -13,6 +13,7 @@ from simulator.study.pareto import BestPlan, summary_columns
 
 HEADERS = {"ttft_s": "TTFT", "tpot_s": "TPOT", "throughput_tokens_per_s": "tok/s",
            "throughput_per_device": "tok/s/device", "cost_usd_per_million_tokens": "$/M tok",
+           "cost_usd_per_request": "$/request",
            "devices": "devices", "input_len": "in", "output_len": "out"}
 MAX_ROWS = 40
 
@@ -23,7 +24,7 @@ def _cell(column: str, value: Any) -> str:
     if column.endswith("_s") and not column.endswith("per_s") and isinstance(value, float):
         return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
     if column.startswith("cost_"):
-        return f"${value:,.3f}"
+        return f"${value:,.3f}" if abs(value) >= 0.1 else f"${value:.3g}"  # cents per request
     if isinstance(value, float):
         return f"{value:,.1f}"
     return str(value)

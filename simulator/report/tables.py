@@ -25,7 +25,8 @@ def _gb(nbytes: float) -> str:
 
 def print_estimate(result: EstimateResult, ops: bool = False) -> None:
     p = result.precision
-    title = (f"{result.model} on {result.hardware}: batch {result.batch}, "
+    samples = f" x {result.samples} samples" if result.samples > 1 else ""
+    title = (f"{result.model} on {result.hardware}: batch {result.batch}{samples}, "
              f"{result.input_len} in / {result.output_len} out, weights {p.weight}, KV {p.kv}")
     table = Table(title=title, show_header=True)
     table.add_column("metric")
@@ -41,6 +42,9 @@ def print_estimate(result: EstimateResult, ops: bool = False) -> None:
     table.add_row("throughput", f"{result.throughput_tokens_per_s:,.1f} tok/s", "output tokens")
     table.add_row("energy / token", f"{result.energy_j_per_token:.3f} J",
                   f"mean power {result.power_w:.0f} W")
+    if result.samples > 1:
+        table.add_row("energy / request", f"{result.energy_j_per_request:.1f} J",
+                      f"prefill once, {result.samples} samples")
     m = result.memory
     table.add_row("memory", f"{_gb(m.total)} / {_gb(m.capacity)}",
                   f"weights {_gb(m.weights)}, KV {_gb(m.kv_cache)}, activations {_gb(m.activations)}")

@@ -1,6 +1,8 @@
 """Cost per million output tokens of a sweep's rows, from hourly prices per device.
 
 ``cost_usd_per_million_tokens = devices * usd_per_device_hour / (throughput_tokens_per_s * 3600) * 1e6``
+``cost_usd_per_request = devices * usd_per_device_hour * e2e_s / (batch * 3600)`` (a request's prompt
+and all its ``samples``: the price of one answer under best-of-N)
 
 ``devices`` is what the row's plan occupies (``ParallelPlan.devices``: tensor or expert degree x
 pipeline x data-parallel replicas; 1 without a plan), ``throughput_tokens_per_s`` the output
@@ -97,8 +99,9 @@ def row_devices(frame: pd.DataFrame) -> np.ndarray:
 
 
 def add_cost(frame: pd.DataFrame, prices: Mapping[str, Any] | str | Path | None = None) -> pd.DataFrame:
-    """``frame`` with ``devices``, ``usd_per_device_hour``, ``cost_usd_per_million_tokens`` and
-    ``cost_note`` (why a row has no cost: no price for its device, disaggregated pools, no numbers)."""
+    """``frame`` with ``devices``, ``usd_per_device_hour``, ``cost_usd_per_million_tokens``,
+    ``cost_usd_per_request`` and ``cost_note`` (why a row has no cost: no price for its device,
+    disaggregated pools, no numbers)."""
     table = as_prices(prices)
     out = frame.copy()
     n = len(out)
@@ -122,15 +125,23 @@ def add_cost(frame: pd.DataFrame, prices: Mapping[str, Any] | str | Path | None 
             split = out[pool].notna().to_numpy()
             price[split] = np.nan
             note[split] = "disaggregated pools: cost per pool not modelled"
-    throughput = pd.to_numeric(out.get("throughput_tokens_per_s", pd.Series(np.nan, index=out.index)),
-                                errors="coerce").to_numpy(dtype=float)
+
+    def numbers(name: str) -> np.ndarray:
+        return pd.to_numeric(out.get(name, pd.Series(np.nan, index=out.index)),
+                             errors="coerce").to_numpy(dtype=float)
+
+    throughput = numbers("throughput_tokens_per_s")
     missing = ~(throughput > 0) & ~np.isnan(price)
     note[missing] = "no throughput (the configuration raised)"
     with np.errstate(divide="ignore", invalid="ignore"):
         cost = devices * price / (throughput * SECONDS_PER_HOUR) * 1e6
     cost[~(throughput > 0)] = np.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_request = devices * price * numbers("e2e_s") / (numbers("batch") * SECONDS_PER_HOUR)
+    per_request[~(throughput > 0)] = np.nan
     out["devices"] = devices
     out["usd_per_device_hour"] = price
     out["cost_usd_per_million_tokens"] = cost
+    out["cost_usd_per_request"] = per_request
     out["cost_note"] = note
     return out

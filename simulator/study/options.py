@@ -34,6 +34,8 @@ from simulator.errors import InferSimError, SpecError
 
 NUMERIC = ("batch", "input_len", "output_len")
 """The options evaluated as arrays within a group; every other option groups configurations."""
+POSITIVE = (*NUMERIC, "samples")
+"""Whole-number options of at least 1."""
 CORE = ("model", "hardware", "batch", "input_len", "output_len", "weight_dtype", "kv_dtype", "act_dtype",
         "attention")
 """Options that are always a column of the result, swept or not."""
@@ -70,7 +72,8 @@ def estimate_call(row: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
     args = argparse.Namespace(**{**defaults(), **row})
     kwargs = {"batch": args.batch, "input_len": args.input_len, "output_len": args.output_len,
               "weight_dtype": args.weight_dtype, "kv_dtype": args.kv_dtype, "act_dtype": args.act_dtype,
-              "attention": args.attention, "group_size": args.group_size, **cli.strategy_options(args)}
+              "attention": args.attention, "group_size": args.group_size, "samples": args.samples,
+              **cli.strategy_options(args)}
     return args.model, args.hardware, kwargs
 
 
@@ -101,7 +104,7 @@ def check_value(name: str, value: Any, source: str, field: str, folder: Path | N
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
             raise SpecError(source, field, f"{value!r}: {name} is a whole number")
         value = int(value)
-        if name in NUMERIC and value < 1:
+        if name in POSITIVE and value < 1:
             raise SpecError(source, field, f"{value}: {name} must be at least 1")
         return value
     if kind == "float":

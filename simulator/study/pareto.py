@@ -23,6 +23,7 @@ from simulator.errors import InferSimError
 ALIASES = {
     "cost": ("cost_usd_per_million_tokens", "min"),
     "cost_per_million_tokens": ("cost_usd_per_million_tokens", "min"),
+    "cost_per_request": ("cost_usd_per_request", "min"),
     "throughput": ("throughput_tokens_per_s", "max"),
     "throughput_per_device": ("throughput_per_device", "max"),
     "devices": ("devices", "min"),
@@ -197,7 +198,8 @@ def best_plan(frame: pd.DataFrame, slo_ttft_s: float | None = None, slo_tpot_s: 
     for name, value in slo.items():
         if not value > 0:
             raise InferSimError(f"SLO on {name} must be positive, got {value}")
-    if column == "cost_usd_per_million_tokens" and (column not in frame or prices is not None):
+    if (column in ("cost_usd_per_million_tokens", "cost_usd_per_request")
+            and (column not in frame or prices is not None)):
         from simulator.study.cost import add_cost
 
         frame = add_cost(frame, prices)
@@ -253,7 +255,7 @@ def _margin(row: pd.Series, slo: Mapping[str, float]) -> str:
 def summary_columns(frame: pd.DataFrame, extra: Sequence[str] = ()) -> list[str]:
     """The columns a front or a plan is shown with: the options that vary, then the objectives."""
     options = [c for c in ("model", "hardware") if c in frame]
-    options += [c for c in ("tp", "pp", "ep", "dp", "batch", "input_len", "output_len",
+    options += [c for c in ("tp", "pp", "ep", "dp", "batch", "samples", "input_len", "output_len",
                            "weight_dtype", "kv_dtype") if c in frame and frame[c].nunique(dropna=False) > 1]
     numbers = [c for c in ("devices", "ttft_s", "tpot_s", "throughput_tokens_per_s",
                            "cost_usd_per_million_tokens") if c in frame]

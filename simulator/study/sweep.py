@@ -36,12 +36,13 @@ from simulator.strategies.parallel import workers_on_host
 from simulator.study import vectorized
 from simulator.study.options import NUMERIC, configurations, estimate_call
 
-ECHOED = ("model", "hardware", "batch", "input_len", "output_len", "weight_dtype", "attention")
+ECHOED = ("model", "hardware", "batch", "input_len", "output_len", "samples", "weight_dtype", "attention")
 """``estimate --json`` keys that repeat a configuration's options (the options' columns stand)."""
 PHASE_KEYS = ("time_s", "bound", "energy_j", "power_w")
 COLUMNS = ("kv_dtype", "compute_dtype", "ttft_s", "tpot_s", "e2e_s", "kv_transfer_s",
-           "throughput_tokens_per_s", "energy_j", "energy_j_per_token", "power_w", "memory_bytes_weights",
-           "memory_bytes_kv_cache", "memory_bytes_activations", "memory_bytes_total", "memory_bytes_capacity",
+           "throughput_tokens_per_s", "energy_j", "energy_j_per_token", "energy_j_per_request", "power_w",
+           "memory_bytes_weights", "memory_bytes_kv_cache", "memory_bytes_activations", "memory_bytes_total",
+           "memory_bytes_capacity",
            *(f"{phase}_{key}" for phase in ("prefill", "decode") for key in PHASE_KEYS), "warnings")
 """Output columns of every sweep, in ``estimate --json``'s order. Those of strategies (a phase's
 ``compute_s`` and ``communication_s``, ``strategy_...``, memory tiers) follow where a row has them."""
@@ -114,7 +115,7 @@ def fast_group(row: Mapping[str, Any]) -> vectorized.Group | InferSimError | Non
                                       kwargs["act_dtype"], kwargs["group_size"])
     except InferSimError as err:
         return err
-    return vectorized.Group(spec, system, precision, kwargs["attention"], plan)
+    return vectorized.Group(spec, system, precision, kwargs["attention"], plan, samples=kwargs["samples"])
 
 
 def _object(values: Any, n: int) -> np.ndarray:
@@ -147,7 +148,7 @@ def evaluate_group(group: vectorized.Group, batch: np.ndarray, input_len: np.nda
         b = int(batch[k])
         if plan is None:
             error = _does_not_fit(spec, device, group.precision, b, int(input_len[k]), int(output_len[k]),
-                                  memory, smaller)
+                                  memory, smaller, group.samples)
         else:
             error = _parallel_does_not_fit(spec, device, plan, b, memory)
         reason[k] = str(error)

@@ -31,6 +31,7 @@ from simulator.graph.transformer import (
     Precision,
     StepShape,
     build_step,
+    held_tokens,
     kv_bytes_per_token,
     weight_bytes,
 )
@@ -48,7 +49,8 @@ CHUNK = 32768
 @dataclass(frozen=True)
 class Group:
     """What a group's configurations share; ``system`` as ``estimate`` runs it (a calibrated CPU host
-    under a plan becomes its worker processes)."""
+    under a plan becomes its worker processes); ``samples`` parallel samples per request (each
+    request's prefill once, ``batch * samples`` decode streams)."""
 
     model: ModelSpec
     system: System
@@ -56,6 +58,7 @@ class Group:
     attention: str
     plan: ParallelPlan | None = None
     decode_samples: int = 16
+    samples: int = 1
 
 
 @dataclass
@@ -251,7 +254,8 @@ def _memory(model: ModelSpec, group: Group, sequences: np.ndarray, input_len: np
     p = group.precision
     weights = weight_bytes(model, p)
     per_token = kv_bytes_per_token(model, p.kv, p.group_size, p.kv_store)
-    tokens = model.cached_tokens(input_len + output_len - 1)
+    prompt, generated = held_tokens(model, input_len, output_len)
+    tokens = prompt + group.samples * generated
     kv = sequences * tokens * per_token
     residual = sequences * input_len * model.hidden_size * p.act_bytes
     evicted = (sequences * np.maximum(0.0, input_len - model.cached_tokens(input_len)) * per_token
@@ -268,6 +272,7 @@ def evaluate(group: Group, batch: np.ndarray, input_len: np.ndarray,
     spec, plan, p, device = group.model, group.plan, group.precision, group.system.device
     model = plan.device_model(spec) if plan is not None else spec
     local = batch // (plan.dp * plan.micro) if plan is not None else batch
+    streams = local * group.samples  # decode rows: every sample of every request
 
     # Prefill: once per distinct (batch, prompt).
     (pair_batch, pair_input), pair_of = _distinct(local, input_len)
@@ -293,7 +298,7 @@ def evaluate(group: Group, batch: np.ndarray, input_len: np.ndarray,
     has_decode = output_len > 1
     if has_decode.any():
         dependent = _context_dependent(model, p, group.attention)
-        distinct = np.unique(local[has_decode])
+        distinct = np.unique(streams[has_decode])
         token_ops = build_step(model, StepShape("decode", distinct, 1, 1.0), p,
                                group.attention)  # type: ignore[arg-type]
         token_costs = (distinct, [None if dependent[k] else cost_op(op, device)
@@ -304,11 +309,11 @@ def evaluate(group: Group, batch: np.ndarray, input_len: np.ndarray,
             for start in range(0, len(rows), CHUNK):
                 part = rows[start:start + CHUNK]
                 contexts = decode_contexts(input_len[part], output_len[part], group.decode_samples)
-                step = _decode_costs(model, group, local[part], contexts, token_costs, dependent)
+                step = _decode_costs(model, group, streams[part], contexts, token_costs, dependent)
                 if plan is None:
                     values = _plain_phase(step)
                 else:
-                    values = _parallel_phase(plan, group.system, spec, local[part], p.act_bytes, step,
+                    values = _parallel_phase(plan, group.system, spec, streams[part], p.act_bytes, step,
                                              "decode")
                 for key, value in values.items():
                     if key not in decode:
@@ -334,12 +339,12 @@ def evaluate(group: Group, batch: np.ndarray, input_len: np.ndarray,
     e2e = ttft + 0.0 + steps * tpot
     decode_energy = np.where(has_decode, decode.get("energy_j", np.zeros(n)), 0.0) if decode else 0.0
     energy = prefill["energy_j"] + decode_energy * steps
-    tokens = batch * output_len
+    tokens = batch * group.samples * output_len
     out: dict[str, Any] = {
         "kv_dtype": p.kv, "compute_dtype": p.compute,
         "ttft_s": ttft, "tpot_s": tpot, "e2e_s": e2e, "kv_transfer_s": 0.0,
         "throughput_tokens_per_s": tokens / e2e, "energy_j": energy, "energy_j_per_token": energy / tokens,
-        "power_w": energy / e2e,
+        "energy_j_per_request": energy / batch, "power_w": energy / e2e,
         "memory_bytes_weights": weights, "memory_bytes_kv_cache": kv,
         "memory_bytes_activations": activations, "memory_bytes_total": total,
         "memory_bytes_capacity": device.main_memory.capacity,
