@@ -38,6 +38,9 @@ def _add_shape(parser: argparse.ArgumentParser) -> None:
                         help="parallel samples per prompt sharing its KV cache: best-of-N, self-consistency "
                              "(default 1)")
     parser.add_argument("--weight-dtype", default="bf16", choices=dtypes.WEIGHT_DTYPES)
+    parser.add_argument("--weight-dequant", default="fused", choices=("fused", "separate"),
+                        help="integer weights dequantized inside the GEMM (fused, default) or by a kernel "
+                             "of their own before it (separate: FlexGen, eager frameworks)")
     parser.add_argument("--kv-dtype", default=None, choices=dtypes.KV_DTYPES,
                         help="KV-cache dtype (default: the activation dtype)")
     parser.add_argument("--act-dtype", default="bf16", choices=dtypes.ACT_DTYPES)
@@ -131,7 +134,8 @@ def _kv_options(args: argparse.Namespace) -> dict[str, Any]:
     from simulator.strategies.kv import KVPolicy
 
     return {"kv_residual": args.kv_residual, "kv_store": args.kv_store,
-            "kv_policy": KVPolicy.chosen(args.kv_policy, args.kv_budget, args.kv_sinks)}
+            "kv_policy": KVPolicy.chosen(args.kv_policy, args.kv_budget, args.kv_sinks),
+            "weight_dequant": getattr(args, "weight_dequant", "fused")}
 
 
 def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -199,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--output-len", type=int, default=128, help="generated tokens (default 128)")
     plan.add_argument("--weight-dtype", default="bf16", choices=dtypes.WEIGHT_DTYPES)
     plan.add_argument("--kv-dtype", default=None, choices=dtypes.KV_DTYPES)
+    plan.add_argument("--weight-dequant", default="fused", choices=("fused", "separate"),
+                      help="integer weights dequantized inside the GEMM (default) or by a kernel of "
+                           "their own (FlexGen)")
+    plan.add_argument("--attention", default="flash", choices=("flash", "naive"),
+                      help="fused attention (default) or eager, reading a quantized cache dequantized")
     _add_kv_flags(plan.add_argument_group("KV cache (applied to every plan searched)"))
     plan.add_argument("--objective", default="throughput", choices=("throughput", "latency"))
     plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -302,7 +311,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     choice = search(args.model, args.hardware, input_len=args.input_len, output_len=args.output_len,
                     objective=args.objective, batch=args.batch, max_batch=args.max_batch,
-                    weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype, **_kv_options(args))
+                    weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype, attention=args.attention,
+                    **_kv_options(args))
     if args.json:
         print(json.dumps(choice.to_dict(), indent=2))
         return 0

@@ -305,6 +305,7 @@ def estimate(
     kv_link: str | None = None,
     flash: FlashPlan | None = None,
     samples: int = 1,
+    weight_dequant: str = "fused",
 ) -> EstimateResult:
     """Predict latency, throughput, memory and energy of ``batch`` requests on one device.
 
@@ -327,6 +328,8 @@ def estimate(
     to ``hardware``) with the KV cache sent over ``kv_link``
     (``simulator.strategies.disaggregation``). ``flash`` keeps the FFN weights on the drive
     and reads only the neurons a step activates (LLM in a flash, ``simulator.strategies.flash``).
+    ``weight_dequant="separate"`` dequantizes integer weights in a kernel of their own before
+    each GEMM (FlexGen, eager frameworks) instead of inside it.
     """
     if prefill_hardware is not None or decode_hardware is not None:
         from simulator.strategies.disaggregation import estimate_disaggregated
@@ -337,7 +340,7 @@ def estimate(
             kv_dtype=kv_dtype, act_dtype=act_dtype, attention=attention, group_size=group_size,
             decode_samples=decode_samples, check_memory=check_memory, offload=offload,
             kv_policy=kv_policy, kv_residual=kv_residual, kv_store=kv_store, speculative=speculative,
-            parallel=parallel, flash=flash, samples=samples)
+            parallel=parallel, flash=flash, samples=samples, weight_dequant=weight_dequant)
     if kv_link is not None:
         raise InferSimError("--kv-link names the link between prefill and decode pools; it needs "
                             "--prefill-hardware or --decode-hardware")
@@ -360,6 +363,11 @@ def estimate(
     if kv_store not in ("kv", "x"):
         raise InferSimError(f"kv_store must be 'kv' (cache K and V) or 'x' (XQuant: cache the layer "
                             f"input and recompute K and V), got {kv_store!r}")
+    if weight_dequant not in ("fused", "separate"):
+        raise InferSimError(f"weight_dequant must be 'fused' (inside the GEMM) or 'separate' (a kernel "
+                            f"of its own before it), got {weight_dequant!r}")
+    if weight_dequant == "separate":
+        precision = dataclasses.replace(precision, weight_dequant="separate")
     if kv_store == "x":
         if spec.mla is not None:
             raise InferSimError(f"{spec.name} uses MLA, whose latent cache already is a compressed input; "
@@ -498,6 +506,8 @@ def estimate(
         strategy["flash"] = {**flash.to_dict(), "reads_per_step": flash_reads}
     if kv_store == "x":
         strategy["kv_store"] = "x (XQuant: layer input cached, K and V recomputed)"
+    if weight_dequant == "separate" and precision.weight.startswith("int"):
+        strategy["weight_dequant"] = "separate (a dequantization kernel before each GEMM)"
 
     return EstimateResult(
         model=spec.name,

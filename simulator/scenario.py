@@ -50,6 +50,7 @@ class PrecisionChoice(Spec):
     act_dtype: str = "bf16"
     attention: Literal["flash", "naive"] = "flash"
     group_size: int = Field(dtypes.DEFAULT_GROUP_SIZE, gt=0)
+    weight_dequant: Literal["fused", "separate"] = "fused"
 
 
 class OffloadChoice(Spec):
@@ -245,6 +246,9 @@ def serve_scenario(path: str | Path) -> tuple[Any, dict[str, Any]]:
     parallel = strategy.parallel or ParallelChoice()
     if parallel.ep != 1:
         raise InferSimError(f"{path}: strategy.parallel.ep: expert parallelism is not in the serving engine")
+    if scenario.precision.weight_dequant != "fused":
+        raise InferSimError(f"{path}: precision.weight_dequant: the serving engine dequantizes weights "
+                            "inside the GEMM only; drop it or the serving section")
     split = strategy.disaggregation or DisaggregationChoice()
     spec = strategy.speculative
     args = argparse.Namespace(

@@ -29,11 +29,14 @@ def test_flexgen_throughput_on_one_t4(model, paper, compressed_paper):
     # FlexGen, Table 2 / README: prompt 512, 32 generated tokens, a 16 GB T4 with 208 GB DRAM and SSD.
     plain = search(model, T4, input_len=512, output_len=32, weight_dtype="fp16", max_batch=1024)
     packed = search(model, T4, input_len=512, output_len=32, weight_dtype="int4", kv_dtype="int4",
-                    max_batch=1024)
+                    max_batch=1024, weight_dequant="separate", attention="naive")
+    fused = search(model, T4, input_len=512, output_len=32, weight_dtype="int4", kv_dtype="int4",
+                   max_batch=1024)
     assert paper / 3 < plain.result.throughput_tokens_per_s < paper * 3
-    # FlexGen dequantizes group-wise int4 in separate GPU kernels; the simulator charges int4 weights
-    # at their packed bytes only, so it is optimistic here (docs/reproductions.md): a wider band.
+    # FlexGen dequantizes group-wise int4 in separate GPU kernels: charged, they cost a little, and
+    # the simulator stays 2.6-3.1x optimistic for reasons not in the paper (docs/reproductions.md).
     assert compressed_paper / 3 < packed.result.throughput_tokens_per_s < compressed_paper * 4
+    assert packed.result.throughput_tokens_per_s < fused.result.throughput_tokens_per_s
     assert plain.plan.weights_off > 0 and packed.plan.weights_off > 0  # neither fits the T4
     assert packed.result.throughput_tokens_per_s > plain.result.throughput_tokens_per_s
 

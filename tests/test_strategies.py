@@ -299,3 +299,43 @@ def test_bad_speculation_is_a_clear_error(capsys):
 
     out = json.loads(capsys.readouterr().out)
     assert out["strategy"]["speculative"]["expected_tokens_per_round"] == pytest.approx(1 + .9 + .72 + .504)
+
+
+def test_separately_dequantized_weights_cost_a_kernel_each_and_move_packed():
+    import simulator
+    from simulator.strategies.offload import OffloadPlan
+
+    options = dict(batch=8, input_len=512, output_len=32, weight_dtype="int4")
+    fused = simulator.estimate("llama-2-7b", "a100-80gb-sxm", **options)
+    separate = simulator.estimate("llama-2-7b", "a100-80gb-sxm", weight_dequant="separate", **options)
+    ops = {row["op"]: row for row in separate.decode.op_rows()}
+    qkv, dequant = ops["qkv_proj"], ops["qkv_proj_dequantize"]
+    fused_qkv = next(row for row in fused.decode.op_rows() if row["op"] == "qkv_proj")
+    assert dequant["weight_bytes"] == pytest.approx(fused_qkv["weight_bytes"])  # the packed int4 bytes
+    assert qkv["weight_bytes"] == 0  # the GEMM reads the fp16 copy, a transient buffer
+    assert separate.tpot_s > fused.tpot_s and separate.ttft_s > fused.ttft_s
+    assert "lm_head_dequantize" not in ops  # the head stays in the activation dtype
+    # An offload plan moves the packed bytes either way.
+    plan = OffloadPlan(weights_host=0.5)
+    moved = [simulator.estimate("llama-2-13b", "workstation-4090", offload=plan, weight_dequant=d, **options)
+             .decode.transfers_s for d in ("fused", "separate")]
+    assert moved[0] and moved[0] == pytest.approx(moved[1])
+    # 16-bit weights have nothing to dequantize.
+    half = dict(options, weight_dtype="fp16")
+    assert simulator.estimate("llama-2-7b", "a100-80gb-sxm", weight_dequant="separate", **half).tpot_s == \
+        simulator.estimate("llama-2-7b", "a100-80gb-sxm", **half).tpot_s
+    with pytest.raises(simulator.InferSimError, match="weight_dequant"):
+        simulator.estimate("llama-2-7b", "a100-80gb-sxm", weight_dequant="eager", **options)
+
+
+def test_a_sweep_takes_weight_dequant_as_an_axis_and_matches_estimate():
+    import simulator
+
+    study = simulator.sweep({"model": "llama-2-7b", "hardware": "a100-80gb-sxm", "weight_dtype": "int4",
+                             "weight_dequant": ["fused", "separate"], "batch": [1, 8]})
+    for row in study.itertuples():
+        single = simulator.estimate("llama-2-7b", "a100-80gb-sxm", batch=row.batch, weight_dtype="int4",
+                                    weight_dequant=row.weight_dequant)
+        assert row.tpot_s == pytest.approx(single.tpot_s)
+    by = study.set_index(["weight_dequant", "batch"])["tpot_s"]
+    assert by["separate", 8] > by["fused", 8]

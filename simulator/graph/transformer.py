@@ -38,6 +38,10 @@ class Precision:
     kv_store: str = "kv"
     """``"kv"``: cache K and V; ``"x"``: cache each layer's normed input and recompute K and V
     from it every decode step (XQuant)."""
+    weight_dequant: str = "fused"
+    """Integer weights: ``"fused"``, dequantized in the GEMM's registers (Marlin, AWQ kernels);
+    ``"separate"``, dequantized by a kernel of their own into an activation-dtype copy that the
+    GEMM then reads (FlexGen, eager frameworks)."""
 
     @property
     def weight_bytes(self) -> float:
@@ -121,9 +125,22 @@ class _Builder:
         self.w = precision.weight_bytes
 
     def gemm(self, name: str, m: Quantity, n: float, k: float, count: int, **kw) -> None:
+        wbytes = kw.pop("wbytes", self.w)
+        if self.p.weight_dequant == "separate" and wbytes == self.w and self.p.weight.startswith("int"):
+            # A kernel of its own reads the packed weights and writes them in the activation
+            # dtype (codes x scale + shift); the GEMM reads that copy, a transient buffer.
+            values = kw.get("weight_values", n * k)
+            self.ops.append(Op(
+                name=f"{name}_dequantize", kind="dequantize", flops=2.0 * values,
+                read_bytes=values * self.w, write_bytes=values * self.a, weight_bytes=values * self.w,
+                dtype=self.p.act, count=count))
+            op = gemm(name, m, n, k, weight_bytes_per_value=self.a, act_bytes=self.a, dtype=self.p.compute,
+                      count=count, **kw)
+            self.ops.append(dataclasses.replace(op, weight_bytes=0.0))
+            return
         self.ops.append(
             gemm(
-                name, m, n, k, weight_bytes_per_value=kw.pop("wbytes", self.w), act_bytes=self.a,
+                name, m, n, k, weight_bytes_per_value=wbytes, act_bytes=self.a,
                 dtype=self.p.compute, count=count, **kw,
             )
         )

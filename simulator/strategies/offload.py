@@ -167,7 +167,8 @@ class OffloadPlan:
         return out
 
 
-EXPERT_OPS = frozenset({"experts_up_proj", "experts_act", "experts_down_proj"})
+EXPERT_OPS = frozenset({"experts_up_proj", "experts_act", "experts_down_proj",
+                        "experts_up_proj_dequantize", "experts_down_proj_dequantize"})
 
 
 def expert_popularity(num_experts: int, skew: float) -> np.ndarray:

@@ -95,7 +95,7 @@ def fast_group(row: Mapping[str, Any]) -> vectorized.Group | InferSimError | Non
     except InferSimError as err:
         return err
     if (any(k in kwargs for k in ("offload", "speculative", "flash")) or kwargs["kv_policy"] is not None
-            or kwargs["kv_residual"] or kwargs["kv_store"] != "kv"
+            or kwargs["kv_residual"] or kwargs["kv_store"] != "kv" or kwargs["weight_dequant"] != "fused"
             or any(kwargs[k] is not None for k in ("prefill_hardware", "decode_hardware", "kv_link"))):
         return None
     plan = kwargs.get("parallel")
