@@ -97,6 +97,13 @@ class BlockManager:
         self.held[requests] -= surplus
         self.free += int(surplus.sum())
 
+    def fit(self, request: int, tokens: int, shared: int = 0) -> None:
+        """``fit_all`` for one request."""
+        surplus = int(self.held[request]) - self.blocks_for(max(0, tokens - shared))
+        if surplus > 0:
+            self.held[request] -= surplus
+            self.free += surplus
+
     def release(self, request: int) -> int:
         blocks = int(self.held[request])
         self.held[request] = 0

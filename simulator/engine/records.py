@@ -31,6 +31,57 @@ ITERATION_COLUMNS = (
 PERCENTILES = (50, 90, 99)
 
 
+class IterationLog:
+    """Per-iteration records as they are made, in growing numpy columns (one row of
+    ``ITERATION_COLUMNS`` less ``iteration`` and ``pool``; a run of iterations is appended as
+    arrays), and ``frame()``, their table in start order (replica breaking ties), numbered."""
+
+    _NUMBERS = ITERATION_COLUMNS[1:2] + ITERATION_COLUMNS[3:]
+    _INTEGERS = ("replica", "prefill_requests", "prefill_tokens", "decode_requests", "decode_tokens",
+                 "kv_blocks_used", "kv_blocks_total")
+
+    def __init__(self, capacity: int = 4096):
+        self.rows = np.empty((capacity, len(self._NUMBERS)))
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _reserve(self, count: int) -> None:
+        if self.size + count > len(self.rows):
+            grown = np.empty((max(2 * len(self.rows), self.size + count), self.rows.shape[1]))
+            grown[:self.size] = self.rows[:self.size]
+            self.rows = grown
+
+    def append(self, row: tuple) -> None:
+        """One iteration: the values of ``_NUMBERS`` in order."""
+        if self.size == len(self.rows):
+            self._reserve(1)
+        self.rows[self.size] = row
+        self.size += 1
+
+    def extend(self, columns: tuple) -> None:
+        """A run of iterations: ``_NUMBERS`` in order, each an array or a scalar shared by all."""
+        count = len(columns[1])
+        self._reserve(count)
+        block = self.rows[self.size:self.size + count]
+        for j, values in enumerate(columns):
+            block[:, j] = values
+        self.size += count
+
+    def frame(self, pools: list[str]) -> pd.DataFrame:
+        """The table; ``pools[r]``: replica ``r``'s pool."""
+        rows = self.rows[:self.size]
+        order = np.lexsort((rows[:, 0], rows[:, 1]))  # by start, then replica
+        columns: dict[str, Any] = {"iteration": np.arange(self.size)}
+        for j, name in enumerate(self._NUMBERS):
+            column = rows[:, j][order]
+            columns[name] = column.astype(np.int64) if name in self._INTEGERS else column
+            if name == "replica":
+                columns["pool"] = np.asarray(pools, dtype=object)[columns["replica"]]
+        return pd.DataFrame(columns, columns=list(ITERATION_COLUMNS))
+
+
 def percentiles(values: np.ndarray) -> dict[str, float | None]:
     """``{p50, p90, p99}`` of ``values`` (None when there are none)."""
     values = np.asarray(values, dtype=float)

@@ -22,6 +22,7 @@ cache is copied to host memory and back).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from simulator.errors import InferSimError
 
@@ -73,6 +74,8 @@ class Iteration:
     """Static batching: finished requests still occupying their slot (decoded, discarded)."""
     swap_bytes: float = 0.0
     """KV bytes copied to or from host memory by preemption this iteration."""
+    decode_ids: Any = None
+    """``decode`` as an array, once the engine has made one."""
 
     @property
     def empty(self) -> bool:

@@ -10,6 +10,7 @@ token (its shard of the heads, its stage's layers).
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from pathlib import Path
 
 from simulator.engine.blocks import BlockManager
@@ -145,6 +146,7 @@ def serve(
     speculative: Speculation | None = None,
     seed: int = 0,
     fast_forward: bool = True,
+    workers: int = 1,
 ) -> ServeRecords:
     """Simulate serving ``workload``; per-request and per-iteration records.
 
@@ -155,8 +157,10 @@ def serve(
     system or a bandwidth) from the prefill replica that computed it to a decode replica.
     ``speculative``: every decode iteration drafts ``gamma`` tokens per request on the draft
     model and verifies them on the target; the accepted count is drawn from ``seed``.
-    ``fast_forward=False`` steps through decode-only stretches one iteration at a time (the same
-    records, slower; for checking).
+    ``fast_forward=False`` steps through decode-only stretches one iteration at a time and every
+    replica in one event loop (the same records, slower; for checking). ``workers > 1``: mixed
+    replicas under round-robin (which share nothing) run in that many forked processes (the
+    same records; one after another where processes cannot fork).
     """
     scheduler = scheduler or SchedulerConfig()
     spec = load_model(model)
@@ -179,10 +183,13 @@ def serve(
     precision = resolve_precision(system.device, weight_dtype, kv_dtype, act_dtype, 128)
 
     def build(pool: str, target: System, count: int, first: int) -> list[Replica]:
-        return [_replica(first + i, pool, spec, target, precision, attention, plan, scheduler,
-                         max_context, memory_fraction, power_cap_w, step_overhead_s, len(workload),
-                         speculative)
-                for i in range(count)]
+        one = _replica(first, pool, spec, target, precision, attention, plan, scheduler, max_context,
+                       memory_fraction, power_cap_w, step_overhead_s, len(workload), speculative)
+        # The pool's replicas are alike: they share the cost tables (read only), not the state.
+        return [one] + [dataclasses.replace(one, index=first + i, running=[], waiting=deque(),
+                                            blocks=BlockManager(one.blocks.total, one.blocks.block_size,
+                                                                len(workload)))
+                        for i in range(1, count)]
 
     if prefill_hardware is None and decode_hardware is None:
         if kv_link is not None:
@@ -190,7 +197,7 @@ def serve(
                                 "--prefill-hardware or --decode-hardware")
         replicas = build("mixed", system, plan.dp if plan is not None else 1, 0)
         return Simulation(workload, replicas, scheduler, router, speculation=speculative, seed=seed,
-                          fast_forward=fast_forward).run()
+                          fast_forward=fast_forward, workers=workers).run()
     pre = load_system(prefill_hardware or system)
     dec = load_system(decode_hardware or system)
     for name, count in (("prefill replicas", prefill_replicas), ("decode replicas", decode_replicas)):
@@ -201,4 +208,4 @@ def serve(
                                                                   prefill_replicas)
     return Simulation(workload, replicas, scheduler, router, kv_link_rate=link.rate,
                       kv_link_latency=link.latency, speculation=speculative, seed=seed,
-                          fast_forward=fast_forward).run()
+                      fast_forward=fast_forward, workers=workers).run()

@@ -97,10 +97,12 @@ def _tables(ops: list[Op], names: frozenset[str], size: int) -> dict[str, _Table
 def _op_from(template: Op, values: Any) -> Op:
     """``template`` with its fields (and a GEMM's rows) replaced by ``values`` (in ``_FIELDS``
     order, rows last): scalars for one launch, arrays for one launch per request."""
-    changes = dict(zip(_FIELDS, values[:-1], strict=True))
-    if template.shape is not None:
-        changes["shape"] = (values[-1], template.shape[1], template.shape[2])
-    return dataclasses.replace(template, **changes)
+    shape = None if template.shape is None else (values[-1], template.shape[1], template.shape[2])
+    # The constructor, not ``dataclasses.replace``: this runs once per iteration.
+    return Op(name=template.name, kind=template.kind, dtype=template.dtype, count=template.count,
+              unit=template.unit, groups=template.groups, single_groups=template.single_groups,
+              shape=shape, flops=values[0], read_bytes=values[1], write_bytes=values[2],
+              weight_bytes=values[3], kv_read_bytes=values[4], kv_write_bytes=values[5])
 
 
 class ReplicaCost:
@@ -142,13 +144,19 @@ class ReplicaCost:
                                    _total({n: c for n, c in v.items() if c.op.name in NON_LAYER_OPS},
                                           "total_energy_j", self.max_tokens))
                                for k, v in self._token_costs.items()}
+        # The same sums as rows of Python floats by count (one iteration looks up three of them).
+        self._token_rows = {k: np.stack([self._token_time[k], self._token_energy[k],
+                                         self._token_outside[k][0]], 1).tolist()
+                            for k in self._token_costs}
         self._plan_fast = (self.plan is not None and self.plan.pp == 1 and self.plan.micro == 1
                            and not self.plan.sequence_parallel)
         self._communication: dict[int, float] = {}
         self._head_cache: dict[int, list[OpCost]] = {}
+        self._head_sums: dict[int, tuple[float, float]] = {}
         contexts = np.arange(1, self.max_context + 1, dtype=float)
         decode_ops = self._build(StepShape("decode", 1, 1, contexts))
         self._decode = _tables(decode_ops, ATTENTION_OPS, self.max_context)
+        self._decode_affine = _affine(self._decode, contexts)
         self._prefill_cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._prefill_coef = self._fit_prefill()
         # Every op that reads the cache in either phase (MLA's up-projection of the latent runs in
@@ -200,14 +208,18 @@ class ReplicaCost:
             coef[op.name] = solution
         return coef
 
-    def _features(self, new: np.ndarray, start: np.ndarray) -> np.ndarray:
+    def _features(self, new: Any, start: Any) -> np.ndarray:
+        """A prefill chunk's features (of ``new`` tokens from ``start``; a row per chunk when
+        arrays, one row when scalars)."""
         context = start + new
         window = self.device_model.sliding_window
         shape = StepShape("prefill", 1, new, context)  # type: ignore[arg-type]
         keys = context if window is None else np.minimum(context, window + new - 1)
-        return np.stack([np.ones_like(new), new, context, keys,
-                         np.minimum(keys, self.precision.kv_residual),
-                         shape.attended_pairs(True, window), new * context], 1)
+        if isinstance(new, float):  # one chunk: Python floats are cheaper than numpy scalars
+            return np.array([1.0, new, context, keys, min(keys, self.precision.kv_residual),
+                             shape.attended_pairs(True, window), new * context])
+        return np.array([np.ones_like(new), new, context, keys, np.minimum(keys, self.precision.kv_residual),
+                         shape.attended_pairs(True, window), new * context]).T
 
     def _prefill_parts(self, new: np.ndarray, start: np.ndarray) -> dict[str, np.ndarray]:
         """Each attention op's fields (rows: chunks; columns: ``_FIELDS`` and GEMM rows)."""
@@ -236,6 +248,29 @@ class ReplicaCost:
             self._head_cache[emitting] = costs
         return costs
 
+    def _head_sum(self, emitting: int) -> tuple[float, float]:
+        """(seconds, joules) of the head ops for ``emitting`` positions."""
+        total = self._head_sums.get(emitting)
+        if total is None:
+            costs = self._head(emitting)
+            total = (float(sum(float(c.total_s) for c in costs)),
+                     float(sum(float(c.total_energy_j) for c in costs)))
+            self._head_sums[emitting] = total
+        return total
+
+    def _token_sum(self, tokens: int, decoding: int) -> tuple[float, float, float]:
+        """(seconds, joules, seconds outside the layers) of the token ops of an iteration of
+        ``tokens`` new tokens, ``decoding`` of them decode tokens."""
+        rows = self._token_rows
+        time_s, energy, outside_s = rows["both"][tokens - 1]
+        if tokens > decoding:
+            t, e, o = rows["prefill"][tokens - decoding - 1]
+            time_s, energy, outside_s = time_s + t, energy + e, outside_s + o
+        if decoding:
+            t, e, o = rows["decode"][decoding - 1]
+            time_s, energy, outside_s = time_s + t, energy + e, outside_s + o
+        return time_s, energy, outside_s
+
     # --- one iteration ------------------------------------------------------------------
 
     def iteration(self, prefill_new: np.ndarray, prefill_start: np.ndarray, decode_context: np.ndarray,
@@ -252,7 +287,7 @@ class ReplicaCost:
                                           np.full(len(decode_context), verify, dtype=np.int64)])
             prefill_start = np.concatenate([np.asarray(prefill_start, dtype=np.int64), decode_context - 1])
             decode_context = np.zeros(0, dtype=np.int64)
-        tokens = int(np.sum(prefill_new)) + len(decode_context)
+        tokens = int(np.asarray(prefill_new).sum()) + len(decode_context)
         if tokens == 0:
             return 0.0, 0.0
         if tokens > self.max_tokens:
@@ -262,26 +297,23 @@ class ReplicaCost:
             raise InferSimError(f"a context of {decode_context.max()} tokens exceeds the engine's "
                                 f"table of {self.max_context}")
         attention = self._attention_costs(prefill_new, prefill_start, decode_context)
-        head = self._head(emitting) if emitting else []
-        counts = {"both": tokens, "prefill": tokens - len(decode_context), "decode": len(decode_context)}
         if self.plan is None or self._plan_fast:
-            time_s = energy = outside_s = outside_j = 0.0
-            for part, count in counts.items():
-                if count:
-                    time_s += float(self._token_time[part][count - 1])
-                    energy += float(self._token_energy[part][count - 1])
-                    outside_s += float(self._token_outside[part][0][count - 1])
-                    outside_j += float(self._token_outside[part][1][count - 1])
+            time_s, energy, outside_s = self._token_sum(tokens, len(decode_context))
             for cost in attention:
-                time_s += float(np.sum(cost.time_s)) * cost.op.count
-                energy += float(np.sum(cost.energy_j)) * cost.op.count
-            for cost in head:
-                time_s += float(cost.total_s)
-                energy += float(cost.total_energy_j)
-                outside_s += float(cost.total_s)
+                if self.per_request:  # one launch per request: arrays
+                    time_s += float(np.sum(cost.time_s)) * cost.op.count
+                    energy += float(np.sum(cost.energy_j)) * cost.op.count
+                else:
+                    time_s += float(cost.time_s) * cost.op.count
+                    energy += float(cost.energy_j) * cost.op.count
+            if emitting:
+                head_s, head_j = self._head_sum(emitting)
+                time_s, energy, outside_s = time_s + head_s, energy + head_j, outside_s + head_s
             if self.plan is None:
                 return time_s + self.step_overhead_s, energy + self.step_overhead_s * self.device.power.idle
             return self._one_stage(tokens, time_s - outside_s, outside_s, energy)
+        head = self._head(emitting) if emitting else []
+        counts = {"both": tokens, "prefill": tokens - len(decode_context), "decode": len(decode_context)}
         costs = [_at(cost, count - 1) for part, count in counts.items() if count
                  for cost in self._token_costs[part].values()]
         costs += [_summed(cost) for cost in attention] + head
@@ -290,21 +322,30 @@ class ReplicaCost:
         return (step.time_s + self.step_overhead_s,
                 step.energy_j + self.step_overhead_s * self.device.power.idle * self.plan.devices)
 
-    def _one_stage(self, tokens: int, layer_s: Any, outside_s: Any, energy: Any) -> tuple[Any, Any]:
+    def _one_stage(self, tokens: Any, layer_s: Any, outside_s: Any, energy: Any) -> tuple[Any, Any]:
         """A tensor-parallel step without pipeline stages (``parallel.step_time`` with one stage and
         one micro-batch): the layers, their collectives hidden by the plan's overlap, the ops
-        outside the layers; idle devices draw idle power while communication is exposed."""
+        outside the layers; idle devices draw idle power while communication is exposed.
+        ``tokens``: the step's, or an array of each step's."""
         assert self.plan is not None
-        comm = self._communication.get(tokens)
-        if comm is None:
-            comm = parallel_step_time(self.plan, self.system, self.model, tokens, self.precision.act_bytes,
-                                      [], "decode").communication_s
-            self._communication[tokens] = comm
+        if np.ndim(tokens):
+            distinct, which = np.unique(tokens, return_inverse=True)
+            comm = np.array([self._communication_s(int(t)) for t in distinct])[which]
+        else:
+            comm = self._communication_s(tokens)
         time_s = layer_s + outside_s + comm - self.plan.overlap * np.minimum(comm, layer_s)
         exposed = np.maximum(0.0, time_s - layer_s - outside_s)
         joules = (energy + exposed * self.device.power.idle) * self.plan.devices
         return (time_s + self.step_overhead_s,
                 joules + self.step_overhead_s * self.device.power.idle * self.plan.devices)
+
+    def _communication_s(self, tokens: int) -> float:
+        comm = self._communication.get(tokens)
+        if comm is None:
+            comm = parallel_step_time(self.plan, self.system, self.model, tokens,  # type: ignore[arg-type]
+                                      self.precision.act_bytes, [], "decode").communication_s
+            self._communication[tokens] = comm
+        return comm
 
     def _attention_costs(self, prefill_new: np.ndarray, prefill_start: np.ndarray,
                          decode_context: np.ndarray) -> list[OpCost]:
@@ -329,19 +370,27 @@ class ReplicaCost:
                            decode_context: np.ndarray) -> list[OpCost]:
         """One launch for the batch: each op's fields summed over the requests. The prefill map
         is linear, so the chunks' features are summed before it is applied."""
-        index = decode_context - 1
+        decoding = len(decode_context)
         summed_features = None
         if len(prefill_new) and self._prefill_coef is not None:
-            features = self._features(prefill_new.astype(float), prefill_start.astype(float))
-            summed_features = features.sum(axis=0)
+            # Chunk by chunk on scalars (an iteration has a few; arrays cost more to set up).
+            for new, start in zip(prefill_new.tolist(), prefill_start.tolist(), strict=True):
+                features = self._features(float(new), float(start))
+                summed_features = features if summed_features is None else summed_features + features
         chunks = ({} if summed_features is not None or not len(prefill_new)
                   else self._prefill_parts(prefill_new, prefill_start))
+        context_sum = float(decode_context.sum()) if decoding and self._decode_affine is not None else 0.0
         costs = []
         for name in self._attention_names:
             table = self._decode.get(name)
-            used = table is not None and len(index) > 0
-            total = (table.rows[index].sum(axis=0) if table is not None and used
-                     else np.zeros(len(_FIELDS) + 1))
+            used = table is not None and decoding > 0
+            if not used:
+                total = np.zeros(len(_FIELDS) + 1)
+            elif self._decode_affine is not None:
+                base, slope = self._decode_affine[name]
+                total = decoding * base + context_sum * slope
+            else:
+                total = table.rows[decode_context - 1].sum(axis=0)  # type: ignore[union-attr]
             if summed_features is not None and name in self._prefill_coef:  # type: ignore[operator]
                 total = total + summed_features @ self._prefill_coef[name]  # type: ignore[index]
                 used = True
@@ -349,15 +398,49 @@ class ReplicaCost:
                 total = total + chunks[name].sum(axis=0)
                 used = True
             if used:
-                op = _op_from(self._templates[name], [float(v) for v in total])
-                costs.append(cost_op(op, self.device))
+                costs.append(cost_op(_op_from(self._templates[name], total.tolist()), self.device))
         return costs
 
-    def decode_run(self, contexts: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    def decode_run(self, contexts: np.ndarray, steps: int,
+                   lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(seconds, joules) of each of ``steps`` decode-only iterations of the same requests, the
         first at ``contexts``, each step one token longer: ``iteration`` for every step, costed
-        as arrays over the steps."""
-        return self.chunked_run(contexts, 0, 0, steps)
+        as arrays over the steps. ``lengths``: the steps each request takes part in (a request
+        leaves the batch after its last; at least one stays to the end); all when ``None``."""
+        contexts = np.asarray(contexts, dtype=np.int64)
+        if lengths is None or int(np.min(lengths)) >= steps:
+            return self.chunked_run(contexts, 0, 0, steps)
+        lengths = np.minimum(lengths, steps)
+        assert int(lengths.max()) == steps, "a decode run keeps at least one request to its end"
+        if int((contexts + lengths).max()) - 1 > self.max_context:
+            raise InferSimError(f"a context of {int((contexts + lengths).max()) - 1} tokens exceeds the "
+                                f"engine's table of {self.max_context}")
+        if self.per_request or self._decode_affine is None or (self.plan is not None and not self._plan_fast):
+            # Stretch by stretch of the same batch.
+            parts, first = [], 0
+            for last in np.unique(lengths).tolist():
+                staying = lengths > first
+                parts.append(self.chunked_run(contexts[staying] + first, 0, 0, last - first))
+                first = last
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        step = np.arange(steps)
+        staying = lengths[None, :] > step[:, None]  # steps x requests
+        counts = staying.sum(axis=1)
+        context_sums = (staying * contexts[None, :]).sum(axis=1) + counts * step
+        distinct, which = np.unique(counts, return_inverse=True)
+        sums = np.array([[*self._token_sum(c, c), *self._head_sum(c)] for c in distinct.tolist()])[which]
+        time_s, energy, outside_s = sums[:, 0] + sums[:, 3], sums[:, 1] + sums[:, 4], sums[:, 2] + sums[:, 3]
+        for name in self._attention_names:
+            if name not in self._decode_affine:
+                continue
+            base, slope = self._decode_affine[name]
+            fields = counts[:, None] * base + context_sums[:, None] * slope
+            cost = cost_op(_op_from(self._templates[name], fields.T), self.device)
+            time_s = time_s + cost.time_s * cost.op.count
+            energy = energy + cost.energy_j * cost.op.count
+        if self.plan is not None:
+            return self._one_stage(counts, time_s - outside_s, outside_s, energy)
+        return time_s + self.step_overhead_s, energy + self.step_overhead_s * self.device.power.idle
 
     def chunked_run(self, contexts: np.ndarray, chunk: int, start: int,
                     steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -365,49 +448,57 @@ class ReplicaCost:
         (the first starting at ``start``, each next one ``chunk`` further; none emits a token)."""
         contexts = np.asarray(contexts, dtype=np.int64)
         n = len(contexts)
-        empty = np.zeros(0, dtype=np.int64)
         if (self.plan is not None and not self._plan_fast) or (chunk and self._prefill_coef is None):
+            empty = np.zeros(0, dtype=np.int64)
             pairs = [self.iteration(np.array([chunk]) if chunk else empty,
                                     np.array([start + j * chunk]) if chunk else empty, contexts + j, n)
                      for j in range(steps)]
             return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
         tokens = n + chunk
-        counts = {"both": tokens, "prefill": chunk, "decode": n}
-        time_s, energy, outside_s = np.zeros(steps), np.zeros(steps), 0.0
-        for part, count in counts.items():
-            if count:
-                time_s += float(self._token_time[part][count - 1])
-                energy += float(self._token_energy[part][count - 1])
-                outside_s += float(self._token_outside[part][0][count - 1])
-        for cost in self._head(n) if n else []:
-            time_s += float(cost.total_s)
-            energy += float(cost.total_energy_j)
-            outside_s += float(cost.total_s)
-        index = (contexts - 1)[None, :] + np.arange(steps)[:, None]  # steps x requests
-        if n and index.max() >= self.max_context:
-            raise InferSimError(f"a context of {index.max() + 1} tokens exceeds the engine's table of "
-                                f"{self.max_context}")
+        if tokens == 0:
+            return np.zeros(steps), np.zeros(steps)
+        token_s, token_j, outside_s = self._token_sum(tokens, n)
+        if n:
+            head_s, head_j = self._head_sum(n)
+            token_s, token_j, outside_s = token_s + head_s, token_j + head_j, outside_s + head_s
+        time_s, energy = np.full(steps, token_s), np.full(steps, token_j)
+        if n and int(contexts.max()) + steps - 1 > self.max_context:
+            raise InferSimError(f"a context of {int(contexts.max()) + steps - 1} tokens exceeds the "
+                                f"engine's table of {self.max_context}")
         chunks = None
         if chunk:
             starts = start + chunk * np.arange(steps, dtype=float)
             chunks = self._features(np.full(steps, float(chunk)), starts)  # steps x features
+        affine = n and not self.per_request and self._decode_affine is not None
+        if affine:
+            # The decodes' fields summed at each step: n requests, contexts summing to C + n j.
+            context_sums = float(contexts.sum()) + n * np.arange(steps, dtype=float)
+        else:
+            index = (contexts - 1)[None, :] + np.arange(steps)[:, None]  # steps x requests
         for name in self._attention_names:
-            parts = []  # each steps x requests x fields
             table = self._decode.get(name)
+            parts = []  # each steps x requests x fields, or steps x fields summed over requests
             if table is not None and n:
-                parts.append(table.rows[index])
+                if affine:
+                    base, slope = self._decode_affine[name]  # type: ignore[index]
+                    parts.append(n * base + context_sums[:, None] * slope)
+                else:
+                    rows = table.rows[index]
+                    parts.append(rows if self.per_request else rows.sum(axis=1))
             if chunks is not None and name in self._prefill_coef:  # type: ignore[operator]
-                parts.append((chunks @ self._prefill_coef[name])[:, None, :])  # type: ignore[index]
+                chunk_rows = chunks @ self._prefill_coef[name]  # type: ignore[index]
+                parts.append(chunk_rows[:, None, :] if self.per_request else chunk_rows)
             if not parts:
                 continue
-            rows = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
             template = self._templates[name]
-            if self.per_request:
+            if self.per_request:  # one launch per request
+                rows = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
                 cost = cost_op(_op_from(template, np.moveaxis(rows, 2, 0)), self.device)
                 time_s += np.sum(cost.time_s, axis=1) * cost.op.count
                 energy += np.sum(cost.energy_j, axis=1) * cost.op.count
             else:
-                cost = cost_op(_op_from(template, rows.sum(axis=1).T), self.device)
+                fields = parts[0] + parts[1] if len(parts) > 1 else parts[0]
+                cost = cost_op(_op_from(template, fields.T), self.device)
                 time_s += cost.time_s * cost.op.count
                 energy += cost.energy_j * cost.op.count
         if self.plan is not None:
@@ -417,6 +508,24 @@ class ReplicaCost:
     def prefill_alone_s(self, prompt: int) -> float:
         """One request's whole prompt as the only work of an iteration (a lower bound on TTFT)."""
         return self.iteration(np.array([prompt]), np.array([0]), np.zeros(0, dtype=np.int64), 1)[0]
+
+
+def _affine(tables: dict[str, _Table],
+            contexts: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """Each decode table as ``base + slope * context`` when it is exactly that at every context
+    (attention over the whole cache; not a sliding window, a KIVI residual or a recomputation
+    with a step): a batch's summed fields are then ``n base + slope sum(context)``. ``None`` when
+    any table is not."""
+    out = {}
+    for name, table in tables.items():
+        rows = table.rows
+        span = contexts[-1] - contexts[0]
+        slope = (rows[-1] - rows[0]) / span if span else np.zeros(rows.shape[1])
+        base = rows[0] - slope * contexts[0]
+        if not np.allclose(base + contexts[:, None] * slope, rows, rtol=1e-12, atol=1e-9):
+            return None
+        out[name] = (base, slope)
+    return out
 
 
 def _broadcast(cost: OpCost, size: int) -> OpCost:
