@@ -70,6 +70,9 @@ def _serve_flags(p: Any, add_model_hardware: Any) -> None:
     m.add_argument("--micro-batches", type=int)
     m.add_argument("--overlap", default="none")
     m.add_argument("--router", default="least-tokens", choices=("round-robin", "least-tokens"))
+    m.add_argument("--workers", type=int, default=1,
+                   help="processes for the replicas under --router round-robin, which share nothing "
+                        "(default 1; the same records either way)")
     sp = p.add_argument_group("speculative decoding (the draft on the target's devices)")
     sp.add_argument("--draft-model", help="draft model name or file, or 'self' with --draft-kv-budget")
     sp.add_argument("--draft-kv-budget", type=int, metavar="TOKENS")
@@ -143,7 +146,8 @@ def _run(args: argparse.Namespace, workload: Any):
                     decode_hardware=args.decode_hardware, prefill_replicas=args.prefill_replicas,
                     decode_replicas=args.decode_replicas, kv_link=args.kv_link,
                     power_cap_w=args.power_cap, memory_fraction=args.memory_fraction,
-                    step_overhead_s=args.step_overhead, speculative=speculative, seed=args.seed)
+                    step_overhead_s=args.step_overhead, speculative=speculative, seed=args.seed,
+                    workers=getattr(args, "workers", 1))
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
