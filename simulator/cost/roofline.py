@@ -109,44 +109,36 @@ def cost_op(op: Op, device: Device) -> OpCost:
     else:
         compute_s = op.flops / (peak * _maximum(eff.compute.at(op.flops), 1e-12))
     memory_s, floor = _memory_s(op, device, nbytes)
+    calls: Quantity = 1.0
+    if eff.expert_loop and not (isinstance(op.groups, float) and op.groups == 1.0):
+        calls = _maximum(op.groups, 1.0)  # one kernel per touched expert, each with its launch and floor
+    # A packing BLAS reads the weights in a pass before the math: their sum, not the larger.
     packed = op.kind == "gemm" and eff.gemm is not None and eff.gemm.pack_pass
-    busy_s: Quantity | None = None
-    if packed and "gemv" in eff.kernels and op.shape is not None:
-        # A packing BLAS reads the weights in a pass before the math (sum, not max); one-row
-        # shares run the GEMV kernel, which streams the weights under its math.
-        gemv_s, gemv_floor = _memory_s(op, device, nbytes, "gemv")
-        one_row = np.asarray(op.shape[0]) <= 1
-        share = np.where(one_row, 1.0, np.clip(op.single_groups / np.maximum(op.groups, 1e-12), 0, 1))
-        busy_s = (share * np.maximum(np.maximum(op.flops / peak, gemv_s), gemv_floor)
-                  + (1 - share) * np.maximum(compute_s + memory_s, floor))
-        memory_s = share * gemv_s + (1 - share) * memory_s
-        compute_s = share * op.flops / peak + (1 - share) * compute_s
-        if not np.ndim(busy_s):
-            busy_s, memory_s, compute_s = float(busy_s), float(memory_s), float(compute_s)
-    elif packed:
-        busy_s = _maximum(compute_s + memory_s, floor)
-    elif op.kind == "gemm" and "gemv" in eff.kernels and op.shape is not None:
+    busy_s: Quantity | None = _maximum(compute_s + memory_s, floor * calls) if packed else None
+    if op.kind == "gemm" and "gemv" in eff.kernels and op.shape is not None:
         # Matrix-vector products (one row per group) run a different kernel than GEMMs
-        # (no packing, no tiles). A grouped GEMM whose groups are partly single-row (experts
-        # hit by one token) costs that share of its work at the matrix-vector rate.
+        # (no packing, no tiles; the weights stream under the math). A grouped GEMM whose groups
+        # are partly single-row (experts hit by one token) costs that share of its work at the
+        # matrix-vector rate.
         gemv_s, gemv_floor = _memory_s(op, device, nbytes, "gemv")
         one_row = np.asarray(op.shape[0]) <= 1
         share = np.where(one_row, 1.0, np.clip(op.single_groups / np.maximum(op.groups, 1e-12), 0, 1))
+        gemv_compute_s = op.flops / peak
+        if busy_s is not None:
+            busy_s = (share * np.maximum(np.maximum(gemv_compute_s, gemv_s), gemv_floor * calls)
+                      + (1 - share) * busy_s)
         memory_s = share * gemv_s + (1 - share) * memory_s
         floor = share * gemv_floor + (1 - share) * floor
-        compute_s = share * op.flops / peak + (1 - share) * compute_s
+        compute_s = share * gemv_compute_s + (1 - share) * compute_s
         if not np.ndim(memory_s):
             memory_s, floor, compute_s = float(memory_s), float(floor), float(compute_s)
+            busy_s = None if busy_s is None else float(busy_s)
     overhead_s: Quantity = eff.kernel_overhead
     if op.kind == "gemm" and eff.gemm is not None:
         overhead_s += eff.gemm.call_overhead
-    if eff.expert_loop and not (isinstance(op.groups, float) and op.groups == 1.0):
-        # One kernel per touched expert, each with its own launch and floor.
-        calls = _maximum(op.groups, 1.0)
-        overhead_s = overhead_s * calls
-        floor = floor * calls
+    overhead_s = overhead_s * calls
     if busy_s is None:
-        busy_s = _maximum(_maximum(compute_s, memory_s), floor)
+        busy_s = _maximum(_maximum(compute_s, memory_s), floor * calls)
     time_s = busy_s + overhead_s
     energy = op_power_w(device, op.flops, nbytes, peak, time_s) * time_s
     return OpCost(op, compute_s, memory_s, overhead_s, time_s, energy, peak)
