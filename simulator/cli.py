@@ -9,9 +9,10 @@ output on stdout.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from simulator import dtypes
@@ -423,46 +424,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return main_calibrate(Path(args.out), args.quick, args.name)
 
 
-def cmd_execute(args: argparse.Namespace) -> int:
-    from validation.executor.cli import cmd_execute as run_execute
+def _elsewhere(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """A command implemented in ``module``, imported when it runs (the heavy imports stay out
+    of start-up)."""
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), name)(args)
 
-    return run_execute(args)
-
-
-def cmd_execute_serve(args: argparse.Namespace) -> int:
-    from validation.executor.cli import cmd_execute_serve as run_serve
-
-    return run_serve(args)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from simulator.engine.cli import cmd_serve as run_serve
-
-    return run_serve(args)
-
-
-def cmd_capacity(args: argparse.Namespace) -> int:
-    from simulator.engine.cli import cmd_capacity as run_capacity
-
-    return run_capacity(args)
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from simulator.study.cli import cmd_sweep as run_sweep
-
-    return run_sweep(args)
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from simulator.study.report_cli import cmd_report as run_report
-
-    return run_report(args)
-
-
-def cmd_plan_search(args: argparse.Namespace) -> int:
-    from simulator.study.plan_search_cli import cmd_plan_search as run_plan_search
-
-    return run_plan_search(args)
+    return run
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -475,9 +443,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"estimate": cmd_estimate, "run": cmd_run, "plan": cmd_plan, "info": cmd_info, "list": cmd_list,
-            "roofline": cmd_roofline, "calibrate": cmd_calibrate, "execute": cmd_execute,
-            "execute-serve": cmd_execute_serve, "serve": cmd_serve, "capacity": cmd_capacity,
-            "sweep": cmd_sweep, "report": cmd_report, "plan-search": cmd_plan_search,
+            "roofline": cmd_roofline, "calibrate": cmd_calibrate,
+            "execute": _elsewhere("validation.executor.cli", "cmd_execute"),
+            "execute-serve": _elsewhere("validation.executor.cli", "cmd_execute_serve"),
+            "serve": _elsewhere("simulator.engine.cli", "cmd_serve"),
+            "capacity": _elsewhere("simulator.engine.cli", "cmd_capacity"),
+            "sweep": _elsewhere("simulator.study.cli", "cmd_sweep"),
+            "report": _elsewhere("simulator.study.report_cli", "cmd_report"),
+            "plan-search": _elsewhere("simulator.study.plan_search_cli", "cmd_plan_search"),
             "validate": cmd_validate}
 
 
