@@ -50,6 +50,15 @@ KINETICS_INTENSITY = 562.5
 """FLOPs per byte Kinetics' eFLOPs charge for a byte of KV cache read (its ``E_flops``, B200)."""
 
 
+def _save(fig: plt.Figure, name: str) -> None:
+    """Lay out ``fig``, write it to docs/img/NAME and close it."""
+    fig.tight_layout()
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMG / name, dpi=120)
+    plt.close(fig)
+    print(f"wrote {IMG / name}")
+
+
 def row(*cells: object) -> None:
     print("| " + " | ".join(str(c) for c in cells) + " |")
 
@@ -143,11 +152,7 @@ def kinetics() -> None:
     ax.set_ylim(0, 1)
     ax.set_title(f"Attention's share of decode ({KINETICS_DEVICE}, {PROMPT}-token prompt)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    IMG.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMG / "ttc_attention_share.png", dpi=120)
-    plt.close(fig)
-    print(f"wrote {IMG / 'ttc_attention_share.png'}")
+    _save(fig, "ttc_attention_share.png")
 
 
 # --- iso-cost: a larger model with fewer samples or a smaller one with more --------------------
@@ -212,11 +217,7 @@ def iso_cost() -> None:
     ax.set_ylabel("USD per prompt (cheapest plan)")
     ax.set_title("Best-of-N cost per prompt, dgx-h100")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    IMG.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMG / "ttc_iso_cost.png", dpi=120)
-    plt.close(fig)
-    print(f"wrote {IMG / 'ttc_iso_cost.png'}")
+    _save(fig, "ttc_iso_cost.png")
 
 
 # --- GenZ: platform requirements for a use case ------------------------------------------------

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from simulator.calibrate.host import NAIVE_ATTENTION
 from simulator.errors import InferSimError
-
-NAIVE_ATTENTION = ("attention_scores", "attention_softmax", "attention_values")
 
 
 def predicted_ops(model: str, hardware: str | Path, batch: int, input_len: int, output_len: int,
