@@ -124,6 +124,11 @@ class Machine:
         return 8
 
     @property
+    def cache_bytes(self) -> int:
+        """The last-level cache; 32 MiB where the system does not say."""
+        return self.l3_bytes or 32 * 2**20
+
+    @property
     def peak_fp32(self) -> float:
         return self.cores * self.clock_hz * self.flops_per_cycle_fp32
 
@@ -276,11 +281,10 @@ def gemm_cases(host: Machine, quick: bool) -> Iterator[tuple[str, int, np.ndarra
     m_values = ([1, 3, 4, 16, 24, 64, 96, 256, 384, 1024] if quick else
                 [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536,
                  2048])
-    cache = host.l3_bytes or 32 * 2**20
     for name in ("qkv_proj", "o_proj", "mlp_up_proj", "mlp_down_proj"):
         _, n, k = _ops_at(1)[name].shape  # type: ignore[misc]
         n, k = int(n), int(k)
-        copies = max(2, int(np.ceil(4 * cache / (n * k * 4))))
+        copies = _copies(n * k * 4, host, spill=4)
         weights = [rng.standard_normal((k, n), dtype=np.float32) * 0.02 for _ in range(copies)]
         for m in m_values:
             yield name, m, rng.standard_normal((m, k), dtype=np.float32), weights
@@ -305,7 +309,7 @@ def bench_gemms(points: Points, host: Machine, quick: bool,
 
 def _copies(nbytes: int, host: Machine, spill: int = 2) -> int:
     """How many copies of an ``nbytes`` input to rotate through so none is read from cache."""
-    return max(2, int(np.ceil(spill * (host.l3_bytes or 32 * 2**20) / max(nbytes, 1))))
+    return max(2, int(np.ceil(spill * host.cache_bytes / max(nbytes, 1))))
 
 
 def bench_kernels(points: Points, host: Machine, quick: bool) -> None:
@@ -314,7 +318,7 @@ def bench_kernels(points: Points, host: Machine, quick: bool) -> None:
     from validation.executor.numpy_backend import NumpyBackend
 
     backend = NumpyBackend()
-    context = AfterGemm(host.l3_bytes or 32 * 2**20)
+    context = AfterGemm(host.cache_bytes)
     rng = np.random.default_rng(1)
     model = CALIBRATION_MODEL
     h, heads, kv, d = model.hidden_size, model.num_attention_heads, model.kv_heads, model.head_size
@@ -508,7 +512,7 @@ def bench_read_overlap(files: LayerFiles, host: Machine) -> dict[str, float]:
     """
     import threading
 
-    stream = AfterGemm(host.l3_bytes or 32 * 2**20, rows=8, spill=4, seed=5)
+    stream = AfterGemm(host.cache_bytes, rows=8, spill=4, seed=5)
 
     def gemms(count: int) -> None:
         for _ in range(count):
@@ -635,7 +639,7 @@ def bench_dequantize(host: Machine, quick: bool) -> Points:
     from validation.executor.profiler import KernelProfiler
 
     model, rng, points = CALIBRATION_MODEL, np.random.default_rng(2), Points()
-    context = AfterGemm(host.l3_bytes or 32 * 2**20)
+    context = AfterGemm(host.cache_bytes)
     runtime = type("Runtime", (), {"ops": NumpyBackend(), "profiler": KernelProfiler(), "counters": {}})()
     for bits in (8, 4, 2):
         for batch, tokens in ([(1, 256), (4, 2048)] if quick else [(1, 128), (1, 1024), (4, 512), (4, 2048)]):
@@ -876,7 +880,7 @@ def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
     progress(f"calibrating {host.cpu}, {host.cores} cores ({'quick' if quick else 'full'})")
     progress("memory streams")
     stream = bench_stream(host, quick)
-    dram = max(r["bandwidth"] for r in stream if r["bytes"] >= 4 * (host.l3_bytes or 32 * 2**20))
+    dram = max(r["bandwidth"] for r in stream if r["bytes"] >= 4 * host.cache_bytes)
     # The machine's speed drifts for seconds at a time (a neighbour on the other hyperthread,
     # the host's clocks), longer than one microbenchmark's rounds. Each pass runs every
     # microbenchmark once; a point keeps its best pass, as `validation.measure` keeps a case's
