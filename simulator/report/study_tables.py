@@ -18,7 +18,7 @@ HEADERS = {"ttft_s": "TTFT", "tpot_s": "TPOT", "throughput_tokens_per_s": "tok/s
 MAX_ROWS = 40
 
 
-def _cell(column: str, value: Any) -> str:
+def format_cell(column: str, value: Any) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "-"
     if column.endswith("_s") and not column.endswith("per_s") and isinstance(value, float):
@@ -36,7 +36,7 @@ def _table(rows: pd.DataFrame, columns: list[str], title: str) -> Table:
         justify = "left" if rows[column].dtype == object else "right"
         table.add_column(HEADERS.get(column, column), justify=justify)
     for _, row in rows.head(MAX_ROWS).iterrows():
-        table.add_row(*(_cell(c, row[c]) for c in columns))
+        table.add_row(*(format_cell(c, row[c]) for c in columns))
     return table
 
 

@@ -164,7 +164,7 @@ class BestPlan:
                 "excluded_better": self.excluded_better, "runner_up": record(self.runner_up), "why": self.why}
 
 
-def _violations(row: pd.Series, slo: Mapping[str, float]) -> list[str]:
+def slo_violations(row: pd.Series, slo: Mapping[str, float]) -> list[str]:
     found = []
     if "feasible" in row and not bool(row["feasible"]):
         reason = str(row.get("reason") or "no reason given").split(". ")[0]
@@ -218,14 +218,14 @@ def best_plan(frame: pd.DataFrame, slo_ttft_s: float | None = None, slo_tpot_s: 
     if ranked.empty:
         runner = excluded.iloc[0] if len(excluded) else None
         why = (f"no feasible configuration meets the SLOs; the best by {label} fails on "
-               f"{'; '.join(_violations(runner, slo))}" if runner is not None
+               f"{'; '.join(slo_violations(runner, slo))}" if runner is not None
                else f"no configuration has a value of {column}")
         return BestPlan(None, column, direction, 0, ranked, len(excluded), runner, why, slo)
     best = ranked.iloc[0]
     others = pd.to_numeric(excluded[column], errors="coerce")
     better = excluded[others < best[column] if direction == "min" else others > best[column]]
     head = (f"best {label} = {best[column]:.4g} among {len(ranked):,} plans meeting the SLOs"
-            f"{_margin(best, slo)}")
+            f"{slo_margin(best, slo)}")
     if len(better):
         fits = (better["feasible"].astype(bool) if "feasible" in better
                 else pd.Series(True, index=better.index))
@@ -233,17 +233,17 @@ def best_plan(frame: pd.DataFrame, slo_ttft_s: float | None = None, slo_tpot_s: 
         runner = better[fits].iloc[0] if fits.any() else better.iloc[0]
         why = (f"{head}; {len(better):,} better plans are excluded "
                f"({int((~fits).sum()):,} do not fit), "
-               f"the best that fits ({runner[column]:.4g}) on {'; '.join(_violations(runner, slo))}"
+               f"the best that fits ({runner[column]:.4g}) on {'; '.join(slo_violations(runner, slo))}"
                if fits.any() else
                f"{head}; {len(better):,} better plans do not fit, the best ({runner[column]:.4g}): "
-               f"{'; '.join(_violations(runner, slo))}")
+               f"{'; '.join(slo_violations(runner, slo))}")
     else:
         runner = ranked.iloc[1] if len(ranked) > 1 else None
         why = f"{head}; no configuration is better, the SLOs bind nothing"
     return BestPlan(best, column, direction, len(ranked), ranked, len(better), runner, why, slo)
 
 
-def _margin(row: pd.Series, slo: Mapping[str, float]) -> str:
+def slo_margin(row: pd.Series, slo: Mapping[str, float]) -> str:
     """The SLO the plan is closest to, as ``(TTFT 0.996 s of 1 s)``."""
     if not slo:
         return ""

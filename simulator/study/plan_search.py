@@ -43,7 +43,7 @@ from simulator.errors import InferSimError
 from simulator.specs.hardware import System
 from simulator.specs.loader import load_model, load_system
 from simulator.specs.model import ModelSpec
-from simulator.study.pareto import _margin, _violations, best_plan
+from simulator.study.pareto import best_plan, slo_margin, slo_violations
 
 OBJECTIVES = ("cost", "throughput", "gpus")
 GROUP = ("hardware", "tp", "pp", "ep", "weight_dtype", "kv_dtype")
@@ -315,7 +315,7 @@ def _binding(study: pd.DataFrame, row: pd.Series, slo: Mapping[str, float],
         batch = f"largest batch searched ({row['batch']})"
     else:
         nxt = bigger.iloc[0]
-        found = _violations(nxt, slo) or [f"in the engine, {d['why']}" for d in dropped
+        found = slo_violations(nxt, slo) or [f"in the engine, {d['why']}" for d in dropped
                                            if all(d[k] == nxt[k] for k in (*GROUP, "batch"))][:1]
         batch = (f"batch {nxt['batch']}: {'; '.join(found)}" if found
                  else f"batch {nxt['batch']} meets the SLOs but ranks lower")
@@ -332,7 +332,7 @@ def _binding(study: pd.DataFrame, row: pd.Series, slo: Mapping[str, float],
     worst = pd.concat([pd.to_numeric(fewer[name], errors="coerce") / bound for name, bound in slo.items()],
                       axis=1).max(axis=1)
     closest = fewer.loc[worst.where(fewer["feasible"].astype(bool), np.inf).fillna(np.inf).idxmin()]
-    problems = _violations(closest, slo)
+    problems = slo_violations(closest, slo)
     if not problems:
         return batch, f"{_degrees(closest)} meets the SLOs at batch {row['batch']} but ranks lower"
     return batch, f"{_degrees(closest)}: {'; '.join(problems)}"
@@ -464,7 +464,7 @@ def plan_search(model: str | Path, hardware: str | Sequence[str], slo_ttft_s: fl
         ranked = ranked.sort_values(["devices", "cost_usd_per_million_tokens", "throughput_tokens_per_s"],
                                     ascending=[True, True, False], kind="stable")
     # best_plan's margin is its own winner's; name the first of this ranking's.
-    why = best.why.replace(_margin(best.plan, slo), _margin(ranked.iloc[0], slo), 1)
+    why = best.why.replace(slo_margin(best.plan, slo), slo_margin(ranked.iloc[0], slo), 1)
     candidates = _annotate(study, ranked.drop_duplicates(list(GROUP)).head(top), slo, scheduler)
     plans, dropped, runs = _confirm(model, ranked, plan_load, slo, confirm, scheduler, load, seed,
                                     max(12, 4 * confirm) if max_engine_runs is None else max_engine_runs)

@@ -109,7 +109,7 @@ def _table(frame: pd.DataFrame, title: str):
     from rich.table import Table
 
     from simulator.report.study_tables import HEADERS as STUDY_HEADERS
-    from simulator.report.study_tables import _cell
+    from simulator.report.study_tables import format_cell
 
     columns = _columns(frame)
     table = Table(title=title)
@@ -118,7 +118,7 @@ def _table(frame: pd.DataFrame, title: str):
                          justify="left" if frame[column].dtype == object and column in
                          ("hardware", "weight_dtype", "kv_dtype") else "right")
     for _, row in frame.iterrows():
-        table.add_row(*(_cell(c, row[c]) for c in columns))
+        table.add_row(*(format_cell(c, row[c]) for c in columns))
     return table
 
 
