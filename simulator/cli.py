@@ -232,11 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hardware YAML to write, e.g. hardware_specs/local/NAME.yaml")
     cal.add_argument("--name", help="device name (default: the file name)")
     cal.add_argument("--quick", action="store_true", help="fewer sizes and shorter timings (~1 min)")
-    cal.add_argument("--only", choices=("workers", "dequantize", "refit"),
+    cal.add_argument("--only", choices=("workers", "dequantize", "disk", "refit"),
                      help="on an existing --out file: workers re-measures only what parallel worker "
                           "processes see (shared memory, the executor's collectives, GEMMs in a "
-                          "worker); dequantize only the KV dequantization kernels; refit fits the "
-                          "recorded microbenchmarks again without measuring")
+                          "worker); dequantize only the KV dequantization kernels; disk only the "
+                          "per-file reads (latency and rate of a layer's or an expert's file); refit "
+                          "fits the recorded microbenchmarks again without measuring")
 
     from validation.executor.cli import add_execute_parser, add_serve_parser
 
@@ -417,6 +418,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         from simulator.calibrate.host import update_dequantize
 
         return update_dequantize(Path(args.out), args.quick)
+    if args.only == "disk":
+        from simulator.calibrate.host import update_disk
+
+        return update_disk(Path(args.out), args.quick)
     if args.only == "refit":
         from simulator.calibrate.host import refit
 

@@ -339,3 +339,64 @@ def test_a_sweep_takes_weight_dequant_as_an_axis_and_matches_estimate():
         assert row.tpot_s == pytest.approx(single.tpot_s)
     by = study.set_index(["weight_dequant", "batch"])["tpot_s"]
     assert by["separate", 8] > by["fused", 8]
+
+
+def test_eager_kivi_quantizes_what_enters_the_codes_and_prefill_dequantizes_nothing_new():
+    from simulator.graph.transformer import Precision, StepShape, build_step
+
+    model = load_model("tiny-dense-58m")
+
+    def ops(phase, context, bits=4, residual=0, attention="naive"):
+        precision = Precision(weight="fp32", kv=f"int{bits}", act="fp32", compute="fp32",
+                              kv_residual=residual)
+        new = context if phase == "prefill" else 1
+        return {op.name: op for op in build_step(model, StepShape(phase, 4, new, float(context)), precision,
+                                                 attention)}
+
+    decode = ops("decode", 1030)
+    assert {"kv_quantize", "kv_unpack", "kv_dequantize"} <= set(decode)
+    assert "kv_quantize" not in ops("decode", 1030, attention="flash")  # fused: in the cache write
+    # A key joining a fuller group requantizes more of it; int2 packs in more passes than int8.
+    fuller = ops("decode", 1100)["kv_quantize"]
+    assert fuller.bytes * fuller.count > decode["kv_quantize"].bytes * decode["kv_quantize"].count
+    assert ops("decode", 1030, bits=2)["kv_quantize"].count > ops("decode", 1030, bits=8)["kv_quantize"].count
+    prefill = ops("prefill", 1024)
+    assert prefill["kv_quantize"].bytes > 0
+    # The prompt is attended as computed: nothing to dequantize (the op stays, empty, for the engine).
+    assert prefill["kv_dequantize"].bytes == 0 and prefill["kv_unpack"].bytes == 0
+    chunk = ops("prefill", 1024, residual=128)  # the prompt's last 128 tokens stay out of the codes
+    assert ops("prefill", 1024)["kv_quantize"].bytes > chunk["kv_quantize"].bytes > 0
+
+
+def test_each_read_from_a_calibrated_drive_pays_its_fixed_cost():
+    from simulator.specs.hardware import _calibrated_storage
+    from simulator.specs.loader import load_device
+
+    device = load_device("hardware_specs/local/epyc-2core-0623.yaml")
+    fit = dict(device.efficiency.fit or {})
+    disk = {k: v for k, v in fit["disk"].items() if k != "read_per_file"}
+
+    def with_reads(latency_s):
+        per_file = {} if latency_s is None else {"latency_s": latency_s, "bandwidth": 2e9}
+        drive = {**disk, "read_per_file": per_file}
+        efficiency = device.efficiency.model_copy(update={"fit": {**fit, "disk": drive}})
+        return device.model_copy(update={"efficiency": efficiency})
+
+    older = _calibrated_storage(with_reads(None))  # calibrated before the per-file fit
+    assert older is not None and older.latency == pytest.approx(disk["latency_4k_s"])
+    assert older.read_bandwidth == pytest.approx(disk["read_into_buffer"]["bandwidth"])
+    fast, slow = with_reads(1e-6), with_reads(2e-3)
+    assert _calibrated_storage(slow).latency == 2e-3 and _calibrated_storage(slow).read_bandwidth == 2e9
+    options = dict(weight_dtype="fp32", kv_dtype="fp32", act_dtype="fp32", attention="naive", batch=1,
+                   input_len=32, output_len=4, check_memory=False)
+    moe = load_model("tiny-moe-140m")
+    plan = OffloadPlan.build(moe, expert_cache=0.25)
+    reads = {name: estimate(moe, d, offload=plan, **options).decode.transfers_s["expert_fetch_on_demand"]
+             for name, d in (("fast", fast), ("slow", slow))}
+    # 8 MoE layers, 2 routed experts each, 6 of 8 on disk: 12 files a step on average.
+    assert reads["slow"] - reads["fast"] == pytest.approx(12 * (2e-3 - 1e-6), rel=1e-6)
+    dense = load_model("tiny-dense-58m")
+    half = OffloadPlan(weights_disk=0.5)
+    layers = {name: estimate(dense, d, offload=half, **options).decode.transfers_s["disk_read"]
+              for name, d in (("fast", fast), ("slow", slow))}
+    assert layers["slow"] - layers["fast"] == pytest.approx(4 * (2e-3 - 1e-6), rel=1e-6)  # 4 layer files

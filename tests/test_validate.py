@@ -148,10 +148,11 @@ def test_a_runtime_looping_over_experts_pays_a_kernel_per_touched_expert():
 
 def test_per_op_comparison_lines_up_the_executors_ops_with_the_estimates():
     from simulator.errors import InferSimError
+    from validation.measure import Case
     from validation.ops import compare_ops
 
-    frame, totals = compare_ops("tiny-dense-58m", "hardware_specs/local/epyc-2core-pack.yaml", batch=1,
-                                input_len=16, output_len=3, repeats=1)
+    spec = "hardware_specs/local/epyc-2core-pack.yaml"
+    frame, totals = compare_ops(Case("tiny-dense-58m", 1, 16, 3), spec, repeats=1)
     ops = frame.set_index("op")
     for name in ("qkv_proj", "attention", "mlp_up_proj", "lm_head"):
         assert ops.loc[name, "measured_s"] > 0 and ops.loc[name, "predicted_s"] > 0
@@ -160,4 +161,19 @@ def test_per_op_comparison_lines_up_the_executors_ops_with_the_estimates():
     assert totals["predicted_step_s"] == pytest.approx(frame["predicted_s"].sum())
     assert list(frame["error_s"].abs()) == sorted(frame["error_s"].abs(), reverse=True)
     with pytest.raises(InferSimError):
-        compare_ops("tiny-dense-58m", "hardware_specs/local/epyc-2core-pack.yaml", phase="verify")
+        compare_ops(Case("tiny-dense-58m", 1, 16, 3), spec, phase="verify")
+    # A strategy case runs and is priced as validation.measure and infersim validate do.
+    frame, _ = compare_ops(Case("tiny-dense-58m", 2, 16, 3, kv_bits=4), spec, repeats=1)
+    ops = frame.set_index("op")
+    for name in ("kv_quantize", "kv_dequantize"):
+        assert ops.loc[name, "measured_s"] > 0 and ops.loc[name, "predicted_s"] > 0
+
+
+def test_per_op_comparison_lists_a_strategys_reads_under_the_executors_name():
+    from validation.measure import Case
+    from validation.ops import predicted_ops
+
+    times, step_s = predicted_ops(Case("tiny-moe-140m", 1, 16, 3, expert_cache=0.25),
+                                  "hardware_specs/local/epyc-2core-0623.yaml", "decode")
+    assert times["expert_load"] > 0 and "expert_fetch_on_demand" not in times
+    assert step_s == pytest.approx(sum(times.values()))

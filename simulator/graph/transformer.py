@@ -22,6 +22,8 @@ from simulator.specs.model import ModelSpec
 
 Phase = Literal["prefill", "decode"]
 AttentionImpl = Literal["flash", "naive"]
+QUANTIZE_PASSES = 12
+"""Elementwise kernels of an eager KIVI quantization of K or V, packing aside (``_kv_quantize``)."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,7 @@ class _Builder:
             self._xquant(L, H, KV, d)
         else:
             self._kv_write(2 * KV * d, L)
+            self._kv_quantize(KV * d, L)
             self._attention_core(L, heads=H, qk_dim=d, v_dim=d, kv_width=2 * KV * d)
         self.gemm("o_proj", T, m.hidden_size, H * d, L)
 
@@ -281,6 +284,49 @@ class _Builder:
             dtype=self.p.act, count=L,
         ))
 
+    def _kv_quantize(self, width: int, L: int) -> None:
+        """KIVI's quantization of the tokens entering the codes, as an eager framework runs it.
+
+        A fused kernel quantizes as it writes the cache (``kv_cache_write`` prices that); eager
+        attention (``attention="naive"``, the executor) runs the math as a chain of elementwise
+        kernels for K and for V of ``width`` values a token: minimum, maximum, range, scale,
+        shift, divide, round, clip and cast, then the codes, scales and minima stored
+        (``QUANTIZE_PASSES``), and sub-byte codes packed (a copy, then a shift and an OR for each
+        further code in a byte). Values are grouped per token; keys per channel over
+        ``group_size`` tokens, so a decode step's key joins a partly filled group and requantizes
+        it: the group's ``held`` codes unpacked (sub-byte), scaled, shifted and joined to the new
+        key first (``validation.executor.kv``; KIVI itself waits for a whole group in the
+        residual). Decode quantizes one token a sequence (the one leaving the residual); prefill
+        the prompt beyond the residual, groups filled from empty. Each pass reads and writes its
+        values in the activation dtype.
+        """
+        if self.attention != "naive" or self.p.kv_bytes >= self.a:
+            return
+        step, g = self.step, self.p.group_size
+        per = max(1, round(1.0 / self.p.kv_bytes)) if self.p.kv_bytes < 1.0 else 1
+        pack = 0 if per == 1 else 1 + 2 * (per - 1)
+        residual = self.p.kv_residual
+        if step.phase == "prefill":
+            tokens: Quantity = np.maximum(step.new_tokens - residual, 0) * step.batch
+            held: Quantity = 0.0
+            requant = 0
+        else:
+            # One token a sequence enters the codes (steady state: the first `residual` steps of a
+            # sequence, which quantize nothing, are not told apart).
+            quantized = np.maximum(step.context - residual, 1)  # codes after this step
+            tokens = step.batch * step.new_tokens
+            held = np.mod(quantized - 1, g)  # codes in the group the key joins
+            requant = (2 * per if per > 1 else 0) + 3
+        quantize = QUANTIZE_PASSES + pack
+        passes = 2 * quantize + requant
+        # V's passes cover the tokens; K's (and its group's requantization) the group too.
+        values = (tokens * width * quantize + tokens * (held + 1) * width * quantize
+                  + tokens * (held + 1) * width * requant)
+        self.ops.append(Op(
+            name="kv_quantize", kind="elementwise", flops=values / passes,
+            read_bytes=values * self.a / passes, write_bytes=values * self.a / passes,
+            dtype=self.p.act, count=L * passes))
+
     def _attention_core(self, L: int, heads: int, qk_dim: int, v_dim: int, kv_width: int,
                         materialised: bool = False, shared_kv: bool = False) -> None:
         """Scores, softmax and weighted values for all heads of one layer.
@@ -312,8 +358,13 @@ class _Builder:
             # writing every 8/bits-th byte, for K and for V), then scaled (codes x scale) and
             # shifted (+ minimum) in two passes. FlashAttention-style kernels dequantize in
             # registers, inside the attention kernel.
-            values = b * kv_width * (keys - recent)
+            # Prefill attends its own tokens as computed (they are quantized after it); only the
+            # cached context before them, outside the residual, is dequantized.
+            fresh = step.new_tokens if step.phase == "prefill" else 0
+            values = b * kv_width * np.maximum(keys - np.maximum(recent, fresh), 0)
             packed = values * self.p.kv_bytes
+            # (A prompt without cached context keeps the ops, empty: the serving engine needs the
+            # same ops in every chunk; each costs its floor.)
             if self.p.kv_bytes < 1.0:
                 per = max(1, round(1.0 / self.p.kv_bytes))  # codes per byte (scales aside)
                 passes = 2 * 2 * per  # K and V, a shift and a mask per code

@@ -207,10 +207,11 @@ def _expert_terms(plan: OffloadPlan, model: ModelSpec, ops: list[Op], costs: lis
         if op.name == "router" and op.shape is not None:
             tokens = op.shape[0]
     if moe is None or plan.expert_cache is None:
-        return {"weights": weights, "device_s": device, "miss_share": 0.0}
+        return {"weights": weights, "device_s": device, "miss_share": 0.0, "missed_experts": 0.0}
     cached = int(round(plan.expert_cache * moe.num_experts))
     touched, missed = expert_misses(moe.num_experts, moe.top_k, tokens, cached, plan.routing_skew)
-    return {"weights": weights, "device_s": device, "miss_share": missed / np.maximum(touched, 1e-12)}
+    return {"weights": weights, "device_s": device, "miss_share": missed / np.maximum(touched, 1e-12),
+            "missed_experts": missed * model.num_moe_layers}
 
 
 @dataclass(frozen=True)
@@ -340,6 +341,12 @@ def step_time(plan: OffloadPlan, system: System, model: ModelSpec, ops: list[Op]
             raise InferSimError(f"{system.name!r} is a CPU: its memory is the host's, so only disk is a "
                                 "lower tier; use --offload-weights disk=F")
         on_demand = 0.0
+        # Each layer on disk is a file of its own, each missed expert too (the executor's layout,
+        # as an offloading runtime keeps them): every read pays the drive's fixed cost per read
+        # (calibrated per file: open, drop the cached pages, start the readahead) beside its bytes.
+        per_read = system.storage.latency if system.storage is not None else 0.0
+        if "disk_read" in transfers:
+            transfers["disk_read"] = transfers["disk_read"] + round(plan.weights_disk * layers) * per_read
         if plan.expert_cache is not None:
             # Experts outside the cache live on the drive; a missed one is read when the router
             # has chosen it, before its layer can go on: not overlapped.
@@ -348,9 +355,10 @@ def step_time(plan: OffloadPlan, system: System, model: ModelSpec, ops: list[Op]
                                     "calibrate the host with `infersim calibrate` (it measures one)")
             experts = _expert_terms(plan, model, ops, costs)
             if "disk_read" in transfers:
-                transfers["disk_read"] = plan.weights_disk * (weights - experts["weights"]) / from_disk
+                transfers["disk_read"] = (plan.weights_disk * (weights - experts["weights"]) / from_disk
+                                          + round(plan.weights_disk * layers) * per_read)
             missed = experts["weights"] * experts["miss_share"]
-            on_demand = missed / from_disk + model.num_moe_layers * system.storage.latency * (missed > 0)
+            on_demand = missed / from_disk + experts["missed_experts"] * per_read
         stages = [inside] + list(transfers.values())
         # A read is partly a copy by the cores that compute: prefetch hides the calibrated
         # share of it (storage.read_overlap), between no overlap and the full pipeline.
