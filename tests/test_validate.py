@@ -177,3 +177,118 @@ def test_per_op_comparison_lists_a_strategys_reads_under_the_executors_name():
                                   "hardware_specs/local/epyc-2core-0623.yaml", "decode")
     assert times["expert_load"] > 0 and "expert_fetch_on_demand" not in times
     assert step_s == pytest.approx(sum(times.values()))
+
+
+def _host_with_volumes(scales: tuple[float, ...] = (0.5, 1.0, 2.0)):
+    from simulator.specs.hardware import KernelVolume
+    from simulator.specs.loader import load_device
+
+    base = load_device("hardware_specs/local/epyc-2core-pack.yaml")
+    norm = base.efficiency.kernels["norm"]
+    volumes = tuple(KernelVolume(volume=size, kernels={"norm": norm.model_copy(update={
+        "bandwidth": norm.bandwidth / s, "floor": norm.floor * s})})
+        for size, s in zip((8e6, 32e6, 128e6), scales, strict=True))
+    timed = base.efficiency.model_copy(update={"volumes": volumes})
+    return base, base.model_copy(update={"efficiency": timed})
+
+
+def test_a_kernel_costs_what_it_costs_after_the_bytes_its_layer_moves():
+    import dataclasses
+
+    from simulator.calibrate.host import _ops_at
+    from simulator.cost.roofline import cost_op
+
+    base, device = _host_with_volumes()
+    norm = _ops_at(16)["input_norm"]
+
+    def busy(interval: float) -> float:
+        cost = cost_op(dataclasses.replace(norm, interval_bytes=interval), device)
+        return cost.time_s - cost.overhead_s
+
+    plain = cost_op(norm, base).time_s - cost_op(norm, base).overhead_s
+    assert busy(0.0) == pytest.approx(plain)  # interval not known: the plain kernels
+    assert busy(32e6) == pytest.approx(plain)
+    assert busy(8e6) == pytest.approx(plain / 2) and busy(1e6) == pytest.approx(plain / 2)  # held below
+    assert busy(128e6) == pytest.approx(2 * plain) and busy(1e9) == pytest.approx(2 * plain)
+    between = [busy(v) for v in (8e6, 12e6, 20e6, 32e6, 60e6, 128e6)]
+    assert between == sorted(between)
+    assert busy(16e6) == pytest.approx(0.75 * plain)  # halfway in log volume
+    rope = dataclasses.replace(_ops_at(16)["rope"], interval_bytes=1e6)  # no volumes for its kind
+    assert cost_op(rope, device).time_s == pytest.approx(cost_op(rope, base).time_s)
+
+
+def test_a_step_prices_its_kernels_by_its_layers_bytes():
+    import simulator
+
+    base, device = _host_with_volumes()
+    options = dict(batch=1, input_len=64, output_len=4, weight_dtype="fp32", kv_dtype="fp32",
+                   act_dtype="fp32", attention="naive")
+    # tiny-dense-58m moves ~13 MB a layer (between the 8 and 32 MB volumes), small-dense-250m
+    # ~47 MB (above 32): one runs its norms faster than the plain kernels say, the other slower.
+    for model, faster in (("tiny-dense-58m", True), ("small-dense-250m", False)):
+        plain = {r["op"]: r for r in simulator.estimate(model, base, **options).decode.op_rows()}
+        timed = {r["op"]: r for r in simulator.estimate(model, device, **options).decode.op_rows()}
+        assert (timed["input_norm"]["time_s"] < plain["input_norm"]["time_s"]) == faster
+        assert timed["qkv_proj"]["time_s"] == pytest.approx(plain["qkv_proj"]["time_s"])
+
+
+def test_volumes_must_ascend_and_name_the_same_kinds():
+    from pydantic import ValidationError
+
+    from simulator.specs.hardware import DeviceEfficiency, KernelEfficiency, KernelVolume
+
+    kernel = KernelEfficiency(bandwidth=0.5)
+    with pytest.raises(ValidationError, match="smallest first"):
+        DeviceEfficiency(volumes=(KernelVolume(volume=2e6, kernels={"norm": kernel}),
+                                  KernelVolume(volume=1e6, kernels={"norm": kernel})))
+    with pytest.raises(ValidationError, match="same kernel kinds"):
+        DeviceEfficiency(volumes=(KernelVolume(volume=1e6, kernels={"norm": kernel}),
+                                  KernelVolume(volume=2e6, kernels={"rope": kernel})))
+
+
+def test_volume_scales_are_each_kinds_time_against_the_reference_flush():
+    from simulator.calibrate.host import Points, _ops_at, fit_volumes
+    from simulator.specs.loader import load_device
+
+    device = load_device("hardware_specs/local/epyc-2core-pack.yaml")
+    points = Points()
+    for flush, factor in ((0.25, 0.5), (1.0, 1.0), (4.0, 3.0)):
+        for tokens in (1, 16, 256):
+            ops = _ops_at(tokens)
+            points.add(ops["input_norm"], factor * 1e-3 * tokens ** 0.5, tokens=tokens, flush=flush)
+            points.add(ops["rope"], 2e-4, tokens=tokens, flush=flush)
+    volumes, info = fit_volumes(device, points)
+    assert [v.volume for v in volumes] == [f * device.cache for f in (0.25, 1.0, 4.0)]
+    assert info["scales"]["1"] == {"norm": 1.0, "rope": 1.0}
+    assert info["scales"]["4"]["rope"] == pytest.approx(1.0)
+    # The fitted overhead is taken off first, so busy time scales a little more than the total.
+    assert 0.3 < info["scales"]["0.25"]["norm"] < 0.5 and 3.0 < info["scales"]["4"]["norm"] < 3.5
+    assert fit_volumes(device, points.where(lambda raw: raw["flush"] == 1.0)) == ((), {})
+
+
+def test_a_tied_head_reads_the_embedding_table_at_the_transposed_rate():
+    import simulator
+    from simulator.calibrate.host import with_transposed
+    from simulator.specs.loader import load_device, load_model
+
+    base = load_device("hardware_specs/local/epyc-2core-pack.yaml")
+    slow = with_transposed(base, {"transposed_bandwidth": 0.5})
+    options = dict(batch=4, input_len=64, output_len=4, weight_dtype="fp32", kv_dtype="fp32",
+                   act_dtype="fp32", attention="naive")
+    assert load_model("opt-125m").tie_word_embeddings and not load_model("tiny-dense-58m").tie_word_embeddings
+    for model, tied in (("opt-125m", True), ("tiny-dense-58m", False)):
+        head = {d.efficiency.gemm.transposed_bandwidth: {r["op"]: r for r in simulator.estimate(
+            model, d, **options).decode.op_rows()}["lm_head"] for d in (base, slow)}
+        assert head[0.5]["memory_s"] == pytest.approx(head[1.0]["memory_s"] * (2.0 if tied else 1.0))
+
+
+def test_moe_routing_is_its_own_kernel_kind_and_calibration_rebuilds_its_points():
+    from simulator.calibrate.host import Points, _routing_op, points_from_raw
+
+    op = _routing_op(16, 64, 6)
+    assert op.name == "topk_gate" and op.kind == "routing"
+    assert op.read_bytes == 16 * 64 * 4
+    points = Points()
+    points.add(op, 1e-4, tokens=16, experts=64, top_k=6, flush=1.0)
+    again = points_from_raw(points.raw)
+    assert again.ops == points.ops and again.raw == points.raw

@@ -48,8 +48,8 @@ import yaml
 from simulator.errors import InferSimError
 from simulator.graph.ops import Op
 from simulator.graph.transformer import Precision, StepShape, build_step
-from simulator.specs.hardware import Device, DeviceEfficiency, GemmTiling
-from simulator.specs.model import ModelSpec
+from simulator.specs.hardware import Device, DeviceEfficiency, GemmTiling, KernelVolume
+from simulator.specs.model import ModelSpec, MoESpec
 from simulator.strategies.parallel import WORKER_KINDS
 
 # BLAS on a CPU splits a GEMM's rows between the cores in blocks of its register tile, not in
@@ -63,7 +63,17 @@ from simulator.strategies.parallel import WORKER_KINDS
 # that the fit sees where the steps are.
 HOST_TILES = ((8, 256),)
 HOST_KINDS = ("gemm", "gemv", "norm", "rope", "activation", "embedding", "elementwise", "cache_write",
-              "attention", "softmax", "sampling")
+              "attention", "softmax", "sampling", "routing")
+# The kernels timed after each of several volumes of GEMMs (``KERNEL_FLUSHES``, in last-level
+# caches), fitted per volume (``DeviceEfficiency.volumes``): on the 2-core EPYC (2026-11-24) an
+# RMSNorm of one row took 20 us after 8-16 MB of GEMMs, 45 after 32, 66 after 64 and 81 after
+# 128 MB; a SiLU-gate over 64 rows 352, 400, 474 and 529 us. A model whose layers are smaller
+# than the cache runs its small kernels warm (deep-mqa-70m, 6 MB a layer: norms and RoPE at half
+# the time one cache's flush gives); one whose layers are larger runs them colder.
+VOLUME_KINDS = tuple(kind for kind in HOST_KINDS if kind not in ("gemm", "gemv"))
+KERNEL_FLUSHES = (0.25, 1.0, 4.0)
+REFERENCE_FLUSH = 1.0
+"""The volume the device's plain ``kernels`` are fitted at (with the GEMMs)."""
 NAIVE_ATTENTION = ("attention_scores", "attention_softmax", "attention_values")
 FP32 = Precision(weight="fp32", kv="fp32", act="fp32", compute="fp32")
 # A calibration shape: its op sizes span those of the shipped executor models.
@@ -208,7 +218,7 @@ class AfterGemm:
     weights (decode-shaped GEMMs) before each timed call, ending with the GEMM just before it.
     """
 
-    def __init__(self, cache_bytes: int, hidden: int = 1024, width: int = 2816, rows: int = 1,
+    def __init__(self, cache_bytes: int, hidden: int = 1024, width: int = 1024, rows: int = 1,
                  spill: int = 2, seed: int = 3, flush: float = 1.0):
         from validation.executor.numpy_backend import NumpyBackend
 
@@ -252,6 +262,16 @@ class Points:
         self.measured_s.append(seconds)
         name = "+".join(op.name for op in group)
         self.raw.append({"op": name, "kind": group[0].kind, "seconds": seconds, **raw})
+
+    def where(self, keep: Callable[[dict[str, Any]], bool]) -> Points:
+        """The points whose raw record ``keep`` accepts."""
+        out = Points()
+        for ops, seconds, raw in zip(self.ops, self.measured_s, self.raw, strict=True):
+            if keep(raw):
+                out.ops.append(ops)
+                out.measured_s.append(seconds)
+                out.raw.append(raw)
+        return out
 
     def best_of(self, other: Points) -> Points:
         """Point by point, the faster of two passes over the same microbenchmarks."""
@@ -307,18 +327,62 @@ def bench_gemms(points: Points, host: Machine, quick: bool,
         points.add(_ops_at(m)[name], seconds, m=m, n=n, k=k)
 
 
+def bench_transposed(quick: bool) -> dict[str, Any]:
+    """The LM head's GEMM on the embedding table as a tied head reads it (``[vocab, hidden]``,
+    transposed) against the same weights stored ``[hidden, vocab]``; both well beyond the caches.
+    OpenBLAS packs transposed panels slower: 2-core EPYC (2026-11-24), 4 rows over a 50272 x 768
+    table 18.3 ms against 12.0."""
+    from validation.executor.numpy_backend import NumpyBackend
+
+    backend = NumpyBackend()
+    rng = np.random.default_rng(4)
+    shape = (CALIBRATION_MODEL.vocab_size, CALIBRATION_MODEL.hidden_size)
+    table = rng.standard_normal(shape, dtype=np.float32)
+    weight = np.ascontiguousarray(table.T)
+    rows = [1, 4, 16] if quick else [1, 2, 4, 8, 16]
+    stored, transposed = [], []
+    for m in rows:
+        x = rng.standard_normal((m, table.shape[1]), dtype=np.float32)
+        stored.append(median_time(lambda x=x: backend.linear(x, weight, None)))
+        transposed.append(median_time(lambda x=x: backend.linear(x, table.T, None)))
+    ratios = [a / b for a, b in zip(stored, transposed, strict=True)]
+    return {"rows": rows, "stored_s": stored, "transposed_s": transposed,
+            "transposed_bandwidth": float(min(1.0, statistics.median(ratios)))}
+
+
+def with_transposed(device: Device, transposed: dict[str, Any]) -> Device:
+    """``device`` reading transposed GEMM weights at the measured share of its rate."""
+    eff = device.efficiency
+    assert eff.gemm is not None
+    gemm = eff.gemm.model_copy(update={"transposed_bandwidth": float(transposed["transposed_bandwidth"])})
+    return device.model_copy(update={"efficiency": eff.model_copy(update={"gemm": gemm})})
+
+
 def _copies(nbytes: int, host: Machine, spill: int = 2) -> int:
     """How many copies of an ``nbytes`` input to rotate through so none is read from cache."""
     return max(2, int(np.ceil(spill * host.cache_bytes / max(nbytes, 1))))
 
 
-def bench_kernels(points: Points, host: Machine, quick: bool) -> None:
+def _routing_op(tokens: int, experts: int, top_k: int) -> Op:
+    """The ``topk_gate`` op of an MoE layer of the calibration shape routing ``tokens`` tokens."""
+    model = CALIBRATION_MODEL.model_copy(update={"moe": MoESpec(
+        num_experts=experts, top_k=top_k, expert_intermediate_size=256)})
+    ops = build_step(model, StepShape("decode", tokens, 1, 1.0), FP32, attention="naive")
+    return next(op for op in ops if op.name == "topk_gate")
+
+
+ROUTING_CASES = ((1, 8, 2), (4, 16, 4), (16, 64, 6), (64, 16, 4), (256, 8, 2), (1024, 64, 6))
+"""(tokens, experts, top-k) of the routing points: the executor's top-k, gates and grouping."""
+
+
+def bench_kernels(points: Points, host: Machine, quick: bool, flush: float = REFERENCE_FLUSH) -> None:
     """Every non-GEMM kernel of the numpy executor, through its own functions, each timed
-    right after a GEMM as in a model (``AfterGemm``)."""
+    right after ``flush`` last-level caches of GEMMs, as in a model (``AfterGemm``)."""
     from validation.executor.numpy_backend import NumpyBackend
 
     backend = NumpyBackend()
-    context = AfterGemm(host.cache_bytes)
+    context = AfterGemm(host.cache_bytes, flush=flush)
+    at = {"flush": flush}
     rng = np.random.default_rng(1)
     model = CALIBRATION_MODEL
     h, heads, kv, d = model.hidden_size, model.num_attention_heads, model.kv_heads, model.head_size
@@ -348,7 +412,17 @@ def bench_kernels(points: Points, host: Machine, quick: bool) -> None:
             "sampling": lambda: backend.argmax(logits),
         }
         for name, fn in timed.items():
-            points.add(ops[name], context.time(fn, 9 if quick else 15), tokens=tokens)
+            points.add(ops[name], context.time(fn, 9 if quick else 15), tokens=tokens, **at)
+    # MoE routing: top-k and gates (``route``) and the tokens grouped by expert, one op.
+    for tokens, experts, top_k in ROUTING_CASES[::2] if quick else ROUTING_CASES:
+        logits = rng.standard_normal((tokens, experts), dtype=np.float32)
+
+        def route(logits: np.ndarray = logits, experts: int = experts, top_k: int = top_k) -> object:
+            chosen, gates = backend.route(logits, top_k)
+            return backend.group_by_expert(chosen, gates, experts)
+
+        points.add(_routing_op(tokens, experts, top_k), context.time(route, 9 if quick else 15),
+                   tokens=tokens, experts=experts, top_k=top_k, **at)
     # Attention: decode over growing contexts, and prefill (one sequence of n tokens).
     for batch, length in ([(1, 256), (8, 1024), (1, 4096)] if quick else
                            [(1, 64), (1, 512), (1, 4096), (8, 256), (8, 2048), (32, 1024)]):
@@ -366,7 +440,7 @@ def bench_kernels(points: Points, host: Machine, quick: bool) -> None:
 
         seconds = context.time(decode_attention, 9 if quick else 15)
         ops = _ops_at(batch, context=length)
-        points.add(tuple(ops[n] for n in NAIVE_ATTENTION), seconds, batch=batch, context=length)
+        points.add(tuple(ops[n] for n in NAIVE_ATTENTION), seconds, batch=batch, context=length, **at)
     for new in [64, 512] if quick else [32, 128, 512, 1024, 2048]:
         q = rng.standard_normal((1, kv, heads // kv, new, d), dtype=np.float32)
         copies = _copies(kv * new * d * 4, host)
@@ -379,7 +453,7 @@ def bench_kernels(points: Points, host: Machine, quick: bool) -> None:
 
         seconds = context.time(prefill_attention, 5 if quick else 9)
         ops = _ops_at(1, phase="prefill", new=new)
-        points.add(tuple(ops[n] for n in NAIVE_ATTENTION), seconds, prefill_tokens=new)
+        points.add(tuple(ops[n] for n in NAIVE_ATTENTION), seconds, prefill_tokens=new, **at)
 
 
 def bench_stream(host: Machine, quick: bool) -> list[dict[str, float]]:
@@ -762,14 +836,72 @@ def fit_host(device: Device, points: Points, executor_dispatch: dict[str, float]
     from simulator.calibrate.operators import fit_device_to_ops
 
     caps = {"gemv": float(device.compute_units or 1)}
-    fitted, info = fit_device_to_ops(device, points.ops, np.array(points.measured_s), HOST_KINDS,
+    reference = points.where(lambda raw: _flush(raw) == REFERENCE_FLUSH)
+    # Kinds with points (a file calibrated before routing was timed keeps the memory curve there).
+    timed = {op.kind for group in reference.ops for op in group} | {"gemv"}
+    kinds = tuple(kind for kind in HOST_KINDS if kind in timed)
+    fitted, info = fit_device_to_ops(device, reference.ops, np.array(reference.measured_s), kinds,
                                      max_bandwidth=caps)
+    volumes, info["volumes"] = fit_volumes(fitted, points)
     # Microbenchmarks time kernels alone; in a model the executor also spends time between them.
     overhead = fitted.efficiency.kernel_overhead + executor_dispatch["dispatch_s_per_kernel"]
     fitted = fitted.model_copy(update={"efficiency": fitted.efficiency.model_copy(
-        update={"kernel_overhead": overhead})})
+        update={"kernel_overhead": overhead, "volumes": volumes})})
     return fitted, {**info, "bandwidth_caps": caps}
 
+
+def _flush(raw: dict[str, Any]) -> float:
+    """The flush (last-level caches of GEMMs) a point was timed after; GEMMs and older files:
+    the reference."""
+    return float(raw.get("flush", REFERENCE_FLUSH))
+
+
+def fit_volumes(fitted: Device, points: Points) -> tuple[tuple[KernelVolume, ...], dict[str, Any]]:
+    """Each kernel kind's time at each flush volume as a multiple of its time at the reference
+    volume (``fitted``'s own kernels): per kind, the median over its points of the busy time
+    (measured less the fitted overhead) against the same point's at the reference flush, applied
+    to the kind's bandwidth and floor. One number per kind and volume: a full refit of each
+    volume's kinds (three parameters each, on five to seven points) chased single points' noise.
+    None with one volume."""
+    from simulator.cost.roofline import cost_op
+
+    flushes = sorted({_flush(raw) for raw in points.raw})
+    if len(flushes) < 2 or REFERENCE_FLUSH not in flushes:
+        return (), {}
+
+    def key(raw: dict[str, Any]) -> tuple:
+        return tuple(sorted((k, v) for k, v in raw.items() if k not in ("seconds", "flush")))
+
+    busy: dict[tuple, float] = {}
+    kinds_of: dict[tuple, set[str]] = {}
+    for group, seconds, raw in zip(points.ops, points.measured_s, points.raw, strict=True):
+        kinds = {op.kind for op in group} & set(VOLUME_KINDS)
+        if kinds:
+            overhead = sum(float(np.mean(cost_op(op, fitted).overhead_s)) for op in group)
+            busy[(_flush(raw), *key(raw))] = max(seconds - overhead, 0.1 * seconds)
+            kinds_of[key(raw)] = kinds
+    cache = float(fitted.cache or 32 * 2**20)
+    reference = fitted.efficiency.kernels
+    volumes, scales = [], {}
+    for flush in flushes:
+        ratios: dict[str, list[float]] = {}
+        for point, kinds in kinds_of.items():
+            if (flush, *point) in busy and (REFERENCE_FLUSH, *point) in busy:
+                ratio = busy[(flush, *point)] / busy[(REFERENCE_FLUSH, *point)]
+                for kind in kinds:
+                    ratios.setdefault(kind, []).append(ratio)
+        scale = {kind: float(np.exp(np.median(np.log(r)))) for kind, r in sorted(ratios.items())}
+        scales[f"{flush:g}"] = {kind: round(s, 4) for kind, s in scale.items()}
+        volumes.append(KernelVolume(volume=flush * cache, kernels={
+            kind: reference[kind].model_copy(update={"bandwidth": reference[kind].bandwidth / s,
+                                                     "floor": reference[kind].floor * s})
+            for kind, s in scale.items()}))
+    common = set.intersection(*(set(v.kernels) for v in volumes))
+    volumes = [v.model_copy(update={"kernels": {k: e for k, e in v.kernels.items() if k in common}})
+               for v in volumes]
+    return tuple(volumes), {"flushes": flushes, "cache_bytes": cache,
+                            "method": "per kind and volume: median busy time over the same point's "
+                                      "at the reference flush", "scales": scales}
 
 def points_from_raw(raw: list[dict[str, Any]]) -> Points:
     """The microbenchmark points a calibration file recorded, as the ops they stand for."""
@@ -778,6 +910,8 @@ def points_from_raw(raw: list[dict[str, Any]]) -> Points:
         extra = {k: v for k, v in row.items() if k not in ("op", "kind", "seconds")}
         if "m" in row:
             ops: Op | tuple[Op, ...] = _ops_at(int(row["m"]))[row["op"]]
+        elif "experts" in row:
+            ops = _routing_op(int(row["tokens"]), int(row["experts"]), int(row["top_k"]))
         elif "tokens" in row:
             ops = _ops_at(int(row["tokens"]))[row["op"]]
         elif "bits" in row:
@@ -805,6 +939,9 @@ def refit(out: Path) -> int:
     device = load_device(out)
     base = device.model_copy(update={"efficiency": DeviceEfficiency(gemm=host_tiling(), expert_loop=True)})
     fitted, info = fit_host(base, points_from_raw(fit["points"]), fit["executor_dispatch"])
+    if isinstance(fit.get("transposed"), dict):
+        info["transposed"] = fit["transposed"]
+        fitted = with_transposed(fitted, fit["transposed"])
     if isinstance(fit.get("dequantize"), dict) and fit["dequantize"].get("points"):
         fitted, dequantize = fit_dequantize(fitted, points_from_raw(fit["dequantize"]["points"]))
         info["dequantize"] = {**fit["dequantize"], **dequantize}
@@ -834,13 +971,18 @@ def _efficiency_fields(eff: DeviceEfficiency) -> dict[str, Any]:
             "operand_bandwidth": f"{(eff.gemm.operand_bandwidth or 0) / gb:.4g} GB/s",
             "tile_overhead": f"{eff.gemm.tile_overhead * 1e6:.4g} us",
             "pack_pass": eff.gemm.pack_pass,
+            "transposed_bandwidth": round(eff.gemm.transposed_bandwidth, 4),
         },
-        "kernels": {
-            kind: {"bandwidth": round(k.bandwidth, 4), "half_size": f"{k.half_size / 1e6:.4g} MB",
-                   "floor": f"{k.floor * 1e6:.4g} us"}
-            for kind, k in eff.kernels.items()
-        },
+        "kernels": _kernel_fields(eff.kernels),
+        "volumes": [{"volume": f"{v.volume / 1e6:.4g} MB", "kernels": _kernel_fields(v.kernels)}
+                    for v in eff.volumes],
     }
+
+
+def _kernel_fields(kernels: dict[str, Any]) -> dict[str, Any]:
+    return {kind: {"bandwidth": round(k.bandwidth, 4), "half_size": f"{k.half_size / 1e6:.4g} MB",
+                   "floor": f"{k.floor * 1e6:.4g} us"}
+            for kind, k in kernels.items()}
 
 
 def bench_shared(quick: bool, cores: int, host_device: Device | None = None) -> dict[str, Any]:
@@ -996,8 +1138,9 @@ def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
         progress("GEMMs" + label)
         this = Points()
         bench_gemms(this, host, quick)
-        progress("executor kernels" + label)
-        bench_kernels(this, host, quick)
+        for flush in (REFERENCE_FLUSH,) if quick else KERNEL_FLUSHES:  # --quick: the plain kernels
+            progress(f"executor kernels after {flush:g} caches of GEMMs" + label)
+            bench_kernels(this, host, quick, flush)
         points = this if index == 0 else points.best_of(this)
         progress("layer reads from disk" + label)
         layer_reads.append(bench_layer_reads(files, quick))
@@ -1030,6 +1173,9 @@ def calibrate(name: str, quick: bool, progress: Callable[[str], None] = print,
     device = device.model_copy(update={"efficiency": DeviceEfficiency(gemm=host_tiling(), expert_loop=True)})
     progress(f"fitting {len(points.ops)} points")
     fitted, info = fit_host(device, points, executor_dispatch)
+    progress("GEMMs on a transposed weight")
+    info["transposed"] = bench_transposed(quick)
+    fitted = with_transposed(fitted, info["transposed"])
     progress("KV dequantization")
     fitted, info["dequantize"] = fit_dequantize(fitted, bench_dequantize(host, quick))
     progress("worker processes: shared memory, collectives, GEMMs")

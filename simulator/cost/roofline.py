@@ -23,8 +23,8 @@ import numpy as np
 from simulator.cost.gemm import gemm_compute_s
 from simulator.dtypes import bytes_per_value
 from simulator.errors import UnsupportedError
-from simulator.graph.ops import Op, Quantity, avg
-from simulator.specs.hardware import Device
+from simulator.graph.ops import Op, Quantity, avg, with_intervals
+from simulator.specs.hardware import Device, KernelEfficiency
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,14 +89,46 @@ def op_power_w(device: Device, flops: Quantity, nbytes: Quantity, peak_flops: fl
     return _minimum(power.max, power.idle + compute_w + memory_w)
 
 
-def _memory_s(op: Op, device: Device, nbytes: Quantity, kind: str | None = None) -> tuple[Quantity, float]:
-    """Memory time and floor of an op: its kind's kernel entry, or the device's memory curve."""
+FALLBACK_KINDS = {"routing": "elementwise"}
+"""A kind a device's kernels may not name yet (calibrated before it was timed) and the kind it
+was priced as until then."""
+
+
+def _memory_s(op: Op, device: Device, nbytes: Quantity, kind: str | None = None,
+              kernels: dict[str, KernelEfficiency] | None = None) -> tuple[Quantity, float]:
+    """Memory time and floor of an op: its kind's kernel entry (in ``kernels``, by default the
+    device's), or the device's memory curve."""
     eff = device.efficiency
-    kernel = eff.kernels.get(kind or op.kind)
+    table = eff.kernels if kernels is None else kernels
+    kind = kind or op.kind
+    kernel = table.get(kind, table.get(FALLBACK_KINDS.get(kind, "")))
     bandwidth = device.main_memory.bandwidth
     if kernel is None:
         return nbytes / (bandwidth * _maximum(eff.memory.at(nbytes), 1e-12)), 0.0
     return (nbytes + kernel.half_size) / (bandwidth * kernel.bandwidth), kernel.floor
+
+
+def _at_volumes(op: Op, device: Device, nbytes: Quantity, compute_s: Quantity,
+                calls: Quantity) -> tuple[Quantity, Quantity] | None:
+    """(busy, memory) time of a kernel interpolated between the device's ``volumes`` around the
+    bytes its step moves between two of its runs; None where the device has no volumes for its
+    kind or the interval is not known."""
+    volumes = device.efficiency.volumes
+    interval = op.interval_bytes
+    if not volumes or op.kind not in volumes[0].kernels or not np.all(np.asarray(interval) > 0):
+        return None
+    x = np.log(interval)
+    xs = np.log([v.volume for v in volumes])
+    busy: Quantity = 0.0
+    memory: Quantity = 0.0
+    for j, volume in enumerate(volumes):
+        weight = np.interp(x, xs, np.arange(len(volumes)) == j)
+        memory_j, floor_j = _memory_s(op, device, nbytes, kernels=volume.kernels)
+        busy = busy + weight * _maximum(_maximum(compute_s, memory_j), floor_j * calls)
+        memory = memory + weight * memory_j
+    if not np.ndim(busy):
+        return float(busy), float(memory)
+    return busy, memory
 
 
 def cost_op(op: Op, device: Device) -> OpCost:
@@ -109,6 +141,9 @@ def cost_op(op: Op, device: Device) -> OpCost:
     else:
         compute_s = op.flops / (peak * _maximum(eff.compute.at(op.flops), 1e-12))
     memory_s, floor = _memory_s(op, device, nbytes)
+    # A weight stored [n, k] (a tied LM head) is read at the library's rate for that layout.
+    layout_rate = eff.gemm.transposed_bandwidth if op.transposed_weight and eff.gemm is not None else 1.0
+    memory_s = memory_s / layout_rate
     calls: Quantity = 1.0
     if eff.expert_loop and not (isinstance(op.groups, float) and op.groups == 1.0):
         calls = _maximum(op.groups, 1.0)  # one kernel per touched expert, each with its launch and floor
@@ -121,6 +156,7 @@ def cost_op(op: Op, device: Device) -> OpCost:
         # are partly single-row (experts hit by one token) costs that share of its work at the
         # matrix-vector rate.
         gemv_s, gemv_floor = _memory_s(op, device, nbytes, "gemv")
+        gemv_s = gemv_s / layout_rate
         one_row = np.asarray(op.shape[0]) <= 1
         share = np.where(one_row, 1.0, np.clip(op.single_groups / np.maximum(op.groups, 1e-12), 0, 1))
         gemv_compute_s = op.flops / peak
@@ -137,6 +173,10 @@ def cost_op(op: Op, device: Device) -> OpCost:
     if op.kind == "gemm" and eff.gemm is not None:
         overhead_s += eff.gemm.call_overhead
     overhead_s = overhead_s * calls
+    if busy_s is None and op.kind != "gemm":
+        at_volumes = _at_volumes(op, device, nbytes, compute_s, calls)
+        if at_volumes is not None:
+            busy_s, memory_s = at_volumes
     if busy_s is None:
         busy_s = _maximum(_maximum(compute_s, memory_s), floor * calls)
     time_s = busy_s + overhead_s
@@ -145,4 +185,8 @@ def cost_op(op: Op, device: Device) -> OpCost:
 
 
 def cost_ops(ops: list[Op], device: Device) -> list[OpCost]:
+    """Every op of one step (``ops`` all of it: where the device's kernels depend on the bytes
+    between two runs, ``with_intervals`` measures them on this list)."""
+    if device.efficiency.volumes:
+        ops = with_intervals(ops)
     return [cost_op(op, device) for op in ops]

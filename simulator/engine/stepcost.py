@@ -28,7 +28,7 @@ import numpy as np
 
 from simulator.cost.roofline import OpCost, cost_op, cost_ops
 from simulator.errors import InferSimError
-from simulator.graph.ops import Op
+from simulator.graph.ops import Op, with_intervals
 from simulator.graph.transformer import AttentionImpl, Precision, StepShape, build_step
 from simulator.specs.hardware import Device, System
 from simulator.specs.model import ModelSpec
@@ -101,6 +101,7 @@ def _op_from(template: Op, values: Any) -> Op:
     # The constructor, not ``dataclasses.replace``: this runs once per iteration.
     return Op(name=template.name, kind=template.kind, dtype=template.dtype, count=template.count,
               unit=template.unit, groups=template.groups, single_groups=template.single_groups,
+              transposed_weight=template.transposed_weight, interval_bytes=template.interval_bytes,
               shape=shape, flops=values[0], read_bytes=values[1], write_bytes=values[2],
               weight_bytes=values[3], kv_read_bytes=values[4], kv_write_bytes=values[5])
 
@@ -164,12 +165,16 @@ class ReplicaCost:
         self._templates = {op.name: op for op in self._build(StepShape("prefill", 1, 1, 1.0))
                            if op.name in ATTENTION_OPS}
         self._templates.update({name: table.template for name, table in self._decode.items()})
+        # Templates serve any size: one interval between runs, their sizes' mean.
+        self._templates = {name: dataclasses.replace(op, interval_bytes=float(np.mean(op.interval_bytes)))
+                           for name, op in self._templates.items()}
         self._attention_names = tuple(self._templates)
 
     # --- tables -------------------------------------------------------------------------
 
     def _build(self, shape: StepShape) -> list[Op]:
-        return build_step(self.device_model, shape, self.precision, self.attention)
+        ops = build_step(self.device_model, shape, self.precision, self.attention)
+        return with_intervals(ops) if self.device.efficiency.volumes else ops
 
     def _costs_over_tokens(self, max_tokens: int, phase: str) -> dict[str, OpCost]:
         tokens = np.arange(1, max_tokens + 1, dtype=float)

@@ -10,6 +10,7 @@ every field then has the same shape or is a scalar.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,7 +18,7 @@ import numpy as np
 
 Quantity = float | np.ndarray
 OpKind = Literal["gemm", "attention", "softmax", "elementwise", "cache_write", "norm", "rope", "activation",
-                 "embedding", "sampling", "unpack", "dequantize"]
+                 "embedding", "sampling", "unpack", "dequantize", "routing"]
 """What kind of kernel an op is: devices may reach different fractions of bandwidth per kind."""
 Unit = Literal["matrix", "vector"]
 
@@ -49,6 +50,13 @@ class Op:
     """Independent GEMMs of that shape in one grouped GEMM (the experts an MoE layer touches)."""
     single_groups: Quantity = 0.0
     """Of ``groups``, how many have a single row (experts hit by one token): matrix-vector work."""
+    transposed_weight: bool = False
+    """A GEMM whose weight is stored ``[n, k]`` where the others are ``[k, n]``: a tied LM head
+    reads the embedding table, one row per vocabulary entry."""
+    interval_bytes: Quantity = 0.0
+    """Bytes the step moves between two runs of this op (a layer's for an op of every layer, the
+    whole step's for one that runs once): how much of the caches the rest of the step has
+    replaced when it runs again. 0: not known."""
 
     @property
     def bytes(self) -> Quantity:
@@ -127,3 +135,22 @@ def elementwise(
         dtype=dtype,
         count=count,
     )
+
+
+def with_intervals(ops: list[Op]) -> list[Op]:
+    """The ops of one step with ``interval_bytes`` set where it is not yet: between two runs of an
+    op of every layer the rest of a layer moves its bytes (weights, KV cache, activations),
+    between two runs of an op that runs once a step the whole step does. Layers: the count most
+    ops that repeat share (a few repeat several times a layer)."""
+    if all(_known(op.interval_bytes) for op in ops):
+        return ops
+    step = sum(op.bytes * op.count for op in ops)
+    counts = [op.count for op in ops if op.count > 1]
+    layers = max(set(counts), key=counts.count) if counts else 1
+    layer = sum(op.bytes * op.count for op in ops if op.count > 1) / layers
+    return [op if _known(op.interval_bytes) else
+            dataclasses.replace(op, interval_bytes=layer if op.count > 1 else step) for op in ops]
+
+
+def _known(interval: Quantity) -> bool:
+    return not (isinstance(interval, float) and interval == 0.0)

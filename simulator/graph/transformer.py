@@ -180,6 +180,8 @@ class _Builder:
         b, h, v = self.step.batch * self.step.logits, self.m.hidden_size, self.m.vocab_size
         self.norm("final_norm", h, 1, tokens=b)
         self.gemm("lm_head", b, v, h, 1, wbytes=self.a)
+        if self.m.tie_word_embeddings:  # the embedding table, stored [vocab, hidden]
+            self.ops[-1] = dataclasses.replace(self.ops[-1], transposed_weight=True)
         # Sampling: softmax over the logits as the LM head wrote them (upcast in registers),
         # then top-k/top-p selection (~5 FLOPs per logit).
         self.ops.append(Op(
@@ -448,7 +450,7 @@ class _Builder:
             touched = expected_experts_touched(shard.local_experts, 1, rows)
             single = expected_single_token_experts(shard.local_experts, 1, rows)
         self.gemm("router", T, experts, h, count, wbytes=self.a)
-        self.vector("topk_gate", T * experts, T * moe.top_k, 5.0, count)
+        self.vector("topk_gate", T * experts, T * moe.top_k, 5.0, count, kind="routing")
         # Each expert's rows gathered into a contiguous block (a permute in a fused kernel).
         self.vector("experts_gather", rows * h, rows * h, 0.0, count, groups=touched)
         self._mlp("experts", rows, moe.expert_intermediate_size, count, experts=touched,

@@ -88,10 +88,14 @@ class GemmTiling(Spec):
     """The weight operand is read in a pass of its own before the math (a CPU BLAS packing its
     panels into cache-sized blocks): the GEMM's memory time adds to its compute time instead of
     overlapping it. One-row products (the ``gemv`` kernel) do not pack."""
+    transposed_bandwidth: Fraction = 1.0
+    """The fraction of its usual rate at which a GEMM reads a weight stored ``[n, k]`` (a tied LM
+    head reading the embedding table) rather than ``[k, n]``: a CPU BLAS packs transposed panels
+    slower; a GPU library reads either layout at one rate."""
 
 
 KernelKind = Literal["gemm", "gemv", "attention", "softmax", "elementwise", "cache_write", "norm", "rope",
-                     "activation", "embedding", "sampling", "unpack", "dequantize"]
+                     "activation", "embedding", "sampling", "unpack", "dequantize", "routing"]
 """The op kinds of ``simulator.graph.ops.OpKind``, plus ``gemv`` for one-row GEMMs."""
 
 
@@ -108,6 +112,14 @@ class KernelEfficiency(Spec):
     bandwidth: float = Field(gt=0, le=50)
     half_size: Annotated[float, BeforeValidator(_size)] = 0.0
     floor: Seconds = 0.0
+
+
+class KernelVolume(Spec):
+    """The kernels' efficiencies when ``volume`` bytes stream through the caches between two runs
+    of the same kernel (see ``DeviceEfficiency.volumes``)."""
+
+    volume: Bytes
+    kernels: dict[KernelKind, KernelEfficiency]
 
 
 class DeviceEfficiency(Spec):
@@ -131,9 +143,25 @@ class DeviceEfficiency(Spec):
     executor) instead of in one grouped kernel (vLLM's fused MoE): every touched expert pays its
     own GEMM calls and its own gather, activation and scatter-add kernels, so an op over
     ``groups`` experts costs ``groups`` kernel overheads and floors."""
+    volumes: tuple[KernelVolume, ...] = ()
+    """Where a kernel's cost depends on how much of the caches the rest of a step replaces between
+    two of its runs (a CPU: a small kernel whose code and data were evicted by a layer's weights
+    runs 2-4x slower than one called back to back): ``kernels`` measured at several such volumes,
+    ascending. An op's kinds named there cost the time interpolated (in log volume, held beyond
+    the ends) between the two volumes around its ``interval_bytes``; ``kernels`` serves the rest
+    and ops whose interval is not known."""
     provenance: str = "default: round numbers, not fitted to any measurement"
     fit: dict[str, Any] | None = None
     """How fitted values were obtained: source files, method, residuals."""
+
+    @model_validator(mode="after")
+    def _volumes_ascend(self) -> DeviceEfficiency:
+        sizes = [v.volume for v in self.volumes]
+        if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
+            raise ValueError("volumes: list each volume once, smallest first")
+        if len({frozenset(v.kernels) for v in self.volumes}) > 1:
+            raise ValueError("volumes: every volume must name the same kernel kinds")
+        return self
 
 
 class Device(Spec):

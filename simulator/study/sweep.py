@@ -115,6 +115,8 @@ def fast_group(row: Mapping[str, Any]) -> vectorized.Group | InferSimError | Non
                                       kwargs["act_dtype"], kwargs["group_size"])
     except InferSimError as err:
         return err
+    if system.device.efficiency.volumes:
+        return None  # kernels priced by the bytes between their runs: a step's sum the arrays split
     return vectorized.Group(spec, system, precision, kwargs["attention"], plan, samples=kwargs["samples"])
 
 
