@@ -292,3 +292,18 @@ def test_moe_routing_is_its_own_kernel_kind_and_calibration_rebuilds_its_points(
     points.add(op, 1e-4, tokens=16, experts=64, top_k=6, flush=1.0)
     again = points_from_raw(points.raw)
     assert again.ops == points.ops and again.raw == points.raw
+
+
+def test_validation_reports_how_far_the_machine_ran_from_its_calibration():
+    from simulator.specs.loader import load_device
+    from validation.compare import machine_speed, speed_line
+
+    spec = "hardware_specs/local/epyc-2core-pack.yaml"
+    calibrated = load_device(spec).efficiency.fit["measured_peak_flops"] / 1e9
+    frame = pd.DataFrame({"host_gflops": [0.7 * calibrated, 0.8 * calibrated, 0.9 * calibrated]})
+    speed = machine_speed(frame, spec)
+    assert speed["ratio"] == pytest.approx(0.8)
+    assert "-20%" in speed_line(speed) and "calibrate anew" in speed_line(speed)
+    near = machine_speed(frame.assign(host_gflops=calibrated * 1.05), spec)
+    assert "calibrate anew" not in speed_line(near)
+    assert machine_speed(pd.DataFrame({"case": ["a"]}), spec) is None  # files from before the probe

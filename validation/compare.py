@@ -125,6 +125,29 @@ def summarize(frame: pd.DataFrame) -> dict[str, Any]:
     return summary
 
 
+def machine_speed(frame: pd.DataFrame, hardware: str | Path) -> dict[str, float] | None:
+    """The host's GEMM rate while measuring (the kept rounds' probes, median) against the rate
+    its calibration measured; None where either is not recorded."""
+    if "host_gflops" not in frame.columns or frame["host_gflops"].isna().all():
+        return None
+    fit = load_system(hardware).device.efficiency.fit or {}
+    calibrated = fit.get("measured_peak_flops")
+    if not calibrated:
+        return None
+    measured = float(frame["host_gflops"].median()) * 1e9
+    return {"measured_gflops": measured / 1e9, "calibrated_gflops": float(calibrated) / 1e9,
+            "ratio": measured / float(calibrated)}
+
+
+def speed_line(speed: dict[str, float]) -> str:
+    line = (f"Machine speed: GEMM rate {speed['measured_gflops']:.0f} GFLOPS while measuring (median "
+            f"of the kept rounds' probes) against {speed['calibrated_gflops']:.0f} at calibration "
+            f"({speed['ratio'] - 1:+.0%}).")
+    if abs(speed["ratio"] - 1) > 0.10:
+        line += " More than 10% apart: the errors include the machine's drift; calibrate anew."
+    return line
+
+
 def report_markdown(frame: pd.DataFrame, summary: dict[str, Any], measurements: Path,
                     hardware: str) -> str:
     lines = [f"# Executor validation: `{measurements}` on `{hardware}`", "",
@@ -140,6 +163,9 @@ def report_markdown(frame: pd.DataFrame, summary: dict[str, Any], measurements: 
                      f"| {s['p90_abs_error_vs_median_run']:.1%} |")
     lines += ["", "| case | TTFT measured | predicted | error | TPOT measured | predicted | error |",
               "|---|---|---|---|---|---|---|"]
+    speed = machine_speed(frame, hardware)
+    if speed is not None:
+        lines[4:4] = [speed_line(speed), ""]
     for row in frame.itertuples():
         lines.append(
             f"| {row.case} | {row.ttft_measured_s * 1e3:.2f} ms | {row.ttft_pred_s * 1e3:.2f} ms | "
@@ -177,6 +203,9 @@ def validate(measurements: Path, hardware: str, max_median: float | None, max_p9
         if max_p90 is not None and s["p90_abs_error"] > max_p90:
             console.print(f"[red]{metric.upper()} p90 error exceeds {max_p90:.0%}[/red]")
             failed = True
+    speed = machine_speed(frame, hardware)
+    if speed is not None:
+        console.print(speed_line(speed))
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(report_markdown(frame, summary, measurements, hardware))

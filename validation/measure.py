@@ -183,6 +183,7 @@ class _Samples:
     tpot: list[list[float]] = field(default_factory=list)
     details: list[dict[str, Any]] = field(default_factory=list)  # per round, from the executor
     loads: list[tuple[float, float]] = field(default_factory=list)
+    probes: list[float] = field(default_factory=list)  # per round, the host's GEMM rate before it
     reruns: int = 0
 
     def row(self, case: Case) -> dict[str, Any]:
@@ -224,6 +225,8 @@ class _Samples:
             "load_before": round(max(load[0] for load in self.loads), 2),
             "load_after": round(max(load[1] for load in self.loads), 2),
             "reruns": self.reruns,
+            # The machine's speed in the kept round (validate compares it with the calibration's).
+            "host_gflops": round(self.probes[best] / 1e9, 2) if self.probes else None,
         }
 
 
@@ -235,6 +238,7 @@ def run(cases: list[Case], out: Path, repeats: int, rounds: int = 3) -> list[dic
     the whole measurement, and ``*_best_s`` (the fastest round's median, as calibration keeps
     a microbenchmark's fastest pass) is the undisturbed machine's time.
     """
+    from simulator.calibrate.host import bench_peak
     from simulator.specs.loader import load_model
     from validation.executor.harness import execute
     from validation.executor.machine import machine_info
@@ -250,6 +254,9 @@ def run(cases: list[Case], out: Path, repeats: int, rounds: int = 3) -> list[dic
     with Progress() as progress:
         task = progress.add_task("measuring", total=len(cases) * rounds)
         for index in range(rounds):
+            # The VM's speed drifts by tens of percent over hours, invisible to the load average:
+            # a GEMM-rate probe per round shows how far the machine sits from its calibration.
+            probe = bench_peak(True)["gemm_flops"]
             for case in cases:
                 progress.update(task, description=f"round {index + 1}/{rounds} {case.key}")
                 if case.model not in weights:
@@ -270,6 +277,7 @@ def run(cases: list[Case], out: Path, repeats: int, rounds: int = 3) -> list[dic
                 record.tpot.append([r.tpot_s for r in result.repeats if r.tpot_s is not None])
                 record.details.append({**result.to_dict(), "e2e_s": result.e2e_s})
                 record.loads.append((load_before, load_after))
+                record.probes.append(probe)
                 progress.advance(task)
             rows = [{**samples[case].row(case), "cpu": info.get("cpu_model", ""),
                      "cores": info.get("usable_cores", cores)} for case in cases]
