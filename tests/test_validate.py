@@ -307,3 +307,23 @@ def test_validation_reports_how_far_the_machine_ran_from_its_calibration():
     near = machine_speed(frame.assign(host_gflops=calibrated * 1.05), spec)
     assert "calibrate anew" not in speed_line(near)
     assert machine_speed(pd.DataFrame({"case": ["a"]}), spec) is None  # files from before the probe
+
+
+def test_experts_looped_one_by_one_do_not_share_waves():
+    from simulator.cost.roofline import cost_op
+    from simulator.graph.ops import gemm
+    from simulator.specs.loader import load_device
+
+    looped = load_device("hardware_specs/local/epyc-2core-0825.yaml")
+    assert looped.efficiency.expert_loop
+    fused = looped.efficiency.model_copy(update={"expert_loop": False})
+    grouped = looped.model_copy(update={"efficiency": fused})
+
+    def op(groups: float):
+        return gemm("experts_up_proj", 3.0 * groups, 768, 512, weight_bytes_per_value=4, act_bytes=4,
+                    dtype="fp32", groups=groups, weight_values=groups * 768 * 512)
+
+    one = cost_op(op(1.0), looped).compute_s
+    assert cost_op(op(10.0), looped).compute_s == pytest.approx(10 * one)
+    # A grouped kernel packs the ten experts' tiles into shared waves over the two cores.
+    assert cost_op(op(10.0), grouped).compute_s < 10 * cost_op(op(1.0), grouped).compute_s

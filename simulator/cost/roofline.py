@@ -137,7 +137,10 @@ def cost_op(op: Op, device: Device) -> OpCost:
     nbytes = op.bytes
     if op.kind == "gemm" and eff.gemm is not None and op.shape is not None:
         m, n, k = op.shape
-        compute_s = gemm_compute_s(m, n, k, peak, device, eff.gemm, bytes_per_value(op.dtype), op.groups)
+        if eff.expert_loop:  # one call per expert, one after another: no wave holds two experts' tiles
+            compute_s = op.groups * gemm_compute_s(m, n, k, peak, device, eff.gemm, bytes_per_value(op.dtype))
+        else:
+            compute_s = gemm_compute_s(m, n, k, peak, device, eff.gemm, bytes_per_value(op.dtype), op.groups)
     else:
         compute_s = op.flops / (peak * _maximum(eff.compute.at(op.flops), 1e-12))
     memory_s, floor = _memory_s(op, device, nbytes)
