@@ -74,6 +74,8 @@ VOLUME_KINDS = tuple(kind for kind in HOST_KINDS if kind not in ("gemm", "gemv")
 KERNEL_FLUSHES = (0.25, 1.0, 4.0)
 REFERENCE_FLUSH = 1.0
 """The volume the device's plain ``kernels`` are fitted at (with the GEMMs)."""
+DEFAULT_CACHE_BYTES = 32 * 2**20
+"""The last-level cache assumed where the system does not say."""
 NAIVE_ATTENTION = ("attention_scores", "attention_softmax", "attention_values")
 FP32 = Precision(weight="fp32", kv="fp32", act="fp32", compute="fp32")
 # A calibration shape: its op sizes span those of the shipped executor models.
@@ -136,7 +138,7 @@ class Machine:
     @property
     def cache_bytes(self) -> int:
         """The last-level cache; 32 MiB where the system does not say."""
-        return self.l3_bytes or 32 * 2**20
+        return self.l3_bytes or DEFAULT_CACHE_BYTES
 
     @property
     def peak_fp32(self) -> float:
@@ -534,17 +536,19 @@ def read_file_into(path: Path, buffer: np.ndarray, chunk: int = 2**20) -> int:
 
 
 class LayerFiles:
-    """Layer-sized files of incompressible data, as an offloading runtime keeps weights on disk
-    (`validation/executor/offload.py`), and two reused buffers to read them into.
+    """Files of incompressible data, ``count`` of ``size`` bytes (by default layer-sized), as an
+    offloading runtime keeps weights on disk (`validation/executor/offload.py`, `experts.py`),
+    and two reused buffers to read them into.
 
     Repeated blocks can read faster than real weights on a virtual disk, and a small reused
     destination stays in cache; both made the first version of this benchmark twice as fast as
     the executor's reads.
     """
 
-    def __init__(self, folder: Path, quick: bool):
-        self.count, self.size = (4, 32 * 2**20) if quick else (8, 32 * 2**20)
-        rng = np.random.default_rng(4)
+    def __init__(self, folder: Path, quick: bool, count: int | None = None, size: int = 32 * 2**20,
+                 seed: int = 4):
+        self.count, self.size = (count or (4 if quick else 8)), size
+        rng = np.random.default_rng(seed)
         self.scratch = Path(tempfile.mkdtemp(prefix="infersim-layers-", dir=folder))
         self.paths = []
         for index in range(self.count):
@@ -636,33 +640,22 @@ def bench_file_reads(folder: Path, host: Machine, quick: bool) -> dict[str, Any]
     host's drive is this fit (``simulator.specs.hardware._calibrated_storage``).
     """
     stream = AfterGemm(host.cache_bytes, rows=8, spill=4, seed=6)
-    rng = np.random.default_rng(5)
-    scratch = Path(tempfile.mkdtemp(prefix="infersim-reads-", dir=folder))
     rows = []
-    try:
-        for size in FILE_READ_SIZES:
-            paths = []
-            for index in range(max(4, (64 if quick else 128) * 2**20 // size)):
-                path = scratch / f"file-{size}-{index}.bin"
-                with open(path, "wb") as handle:
-                    handle.write(rng.standard_normal(size // 4, dtype=np.float32).tobytes())
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                paths.append(path)
-            buffer = np.ones(size, np.uint8)
-            for path in paths:  # the first read after writing is slower: not what a step sees
-                read_file_into(path, buffer)
+    for seed, size in enumerate(FILE_READ_SIZES, start=5):
+        files = LayerFiles(folder, quick, count=max(4, (64 if quick else 128) * 2**20 // size), size=size,
+                           seed=seed)
+        try:
             times = []
             for _ in range(2 if quick else 3):
-                for path in paths:
+                for path in files.paths:
                     stream.gemm()  # the step's compute before the read
                     stream.gemm()
                     start = time.perf_counter()
-                    read_file_into(path, buffer)
+                    read_file_into(path, files.buffers[0])
                     times.append(time.perf_counter() - start)
-            rows.append({"bytes": size, "files": len(paths), "seconds": statistics.median(times)})
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        finally:
+            files.close()
+        rows.append({"bytes": size, "files": files.count, "seconds": statistics.median(times)})
     latency, bandwidth = _alpha_beta(rows)
     return {"latency_s": latency, "bandwidth": bandwidth, "rows": rows,
             "method": "t = latency + bytes / bandwidth per file, each read after two GEMMs"}
@@ -880,7 +873,7 @@ def fit_volumes(fitted: Device, points: Points) -> tuple[tuple[KernelVolume, ...
             overhead = sum(float(np.mean(cost_op(op, fitted).overhead_s)) for op in group)
             busy[(_flush(raw), *key(raw))] = max(seconds - overhead, 0.1 * seconds)
             kinds_of[key(raw)] = kinds
-    cache = float(fitted.cache or 32 * 2**20)
+    cache = float(fitted.cache or DEFAULT_CACHE_BYTES)
     reference = fitted.efficiency.kernels
     volumes, scales = [], {}
     for flush in flushes:
